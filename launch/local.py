@@ -1,0 +1,127 @@
+"""Run a module on K local MPI ranks: ``python -m launch.local -n 4 launch.ring --steps 3``.
+
+Wraps ``mpiexec`` for one machine. The MPI comes from, in order: ``--mpiexec``, the
+``HETEROPIPE_MPIEXEC`` variable, the ``mpiexec`` next to this Python (the ``mpich`` wheel installs
+one there), then ``PATH``. More ranks than cores is allowed (small machines): MPICH's Hydra
+permits it as is, Open MPI gets ``--oversubscribe``. Every rank runs under ``python -m mpi4py`` so
+that an uncaught exception on any rank aborts all of them instead of leaving peers waiting. A
+``--timeout`` kills the whole process group and fails, so a hung job never hangs its caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["find_mpiexec", "mpi_flavor", "mpiexec_argv", "run_local", "LaunchTimeout", "main"]
+
+
+class LaunchTimeout(RuntimeError):
+    """The job ran past its timeout and was killed; ``output`` holds what it printed."""
+
+    def __init__(self, message: str, output: str):
+        super().__init__(message)
+        self.output = output
+
+
+def find_mpiexec(explicit: str | None = None) -> str:
+    """Path of the mpiexec to use (see module doc for the order)."""
+    for cand in (explicit, os.environ.get("HETEROPIPE_MPIEXEC")):
+        if cand:
+            path = shutil.which(cand)
+            if path is None:
+                raise FileNotFoundError(f"mpiexec {cand!r} not found or not executable")
+            return path
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    path = shutil.which("mpiexec") or shutil.which("mpirun")
+    if path is None:
+        raise FileNotFoundError("no mpiexec found: run `make setup` (installs the mpich wheel) or set "
+                                "HETEROPIPE_MPIEXEC to your MPI's mpiexec")
+    return path
+
+
+def mpi_flavor(mpiexec: str) -> str:
+    """'openmpi', 'mpich' (Hydra, also Intel MPI) or 'unknown', from ``mpiexec --version``."""
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if "Open MPI" in out or "OpenRTE" in out:
+        return "openmpi"
+    if "HYDRA" in out or "Intel" in out or "MPICH" in out:
+        return "mpich"
+    return "unknown"
+
+
+def mpiexec_argv(n: int, module: str, args: list[str] | None = None, *, mpiexec: str | None = None,
+                 python: str = sys.executable) -> list[str]:
+    """The command line that runs ``python -m module args`` on ``n`` local ranks."""
+    if n < 1:
+        raise ValueError(f"n={n}: need at least one rank")
+    exe = find_mpiexec(mpiexec)
+    extra = ["--oversubscribe"] if mpi_flavor(exe) == "openmpi" else []
+    return [exe, "-n", str(n), *extra, python, "-m", "mpi4py", "-m", module, *(args or [])]
+
+
+def run_local(n: int, module: str, args: list[str] | None = None, *, timeout: float | None = None,
+              env: dict | None = None, capture: bool = False, mpiexec: str | None = None,
+              cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run the job and wait; raises :class:`LaunchTimeout` after killing it if it outlives ``timeout``.
+
+    With ``capture`` stdout and stderr are merged into ``result.stdout`` (text).
+    """
+    argv = mpiexec_argv(n, module, args, mpiexec=mpiexec)
+    full_env = {**os.environ, **(env or {})}
+    # Ranks must find the project's packages wherever the caller runs from.
+    root = str(Path(__file__).resolve().parent.parent)
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, full_env.get("PYTHONPATH")]))
+    out = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if capture else None, text=True,
+                            env=full_env, cwd=cwd, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+        raise LaunchTimeout(f"{' '.join(argv)} ran past {timeout} s and was killed", stdout or "") from None
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.local",
+        description="Run a heteropipe entry module on N local MPI ranks (mpiexec wrapper).",
+        epilog="Example: python -m launch.local -n 4 launch.train --steps 20. Everything after the "
+               "module name is passed to it; use `python -m launch.train --help` for its flags.")
+    parser.add_argument("-n", "--ranks", type=int, default=4, help="number of MPI ranks (default 4)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="kill the whole job and exit 124 after this many seconds (default: none)")
+    parser.add_argument("--mpiexec", default=None,
+                        help="mpiexec to use (default: $HETEROPIPE_MPIEXEC, the one beside this Python, PATH)")
+    parser.add_argument("--dry-run", action="store_true", help="print the mpiexec command line and exit")
+    parser.add_argument("module", help="Python module every rank runs, e.g. launch.train or launch.ring")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the module")
+    ns = parser.parse_args(argv)
+    if ns.dry_run:
+        print(" ".join(mpiexec_argv(ns.ranks, ns.module, ns.args, mpiexec=ns.mpiexec)))
+        return 0
+    try:
+        return run_local(ns.ranks, ns.module, ns.args, timeout=ns.timeout, mpiexec=ns.mpiexec).returncode
+    except LaunchTimeout as exc:
+        print(f"launch.local: {exc}", file=sys.stderr)
+        return 124
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Per-rank structured logs: JSON lines in ``<log_dir>/<run_id>/rank-<r>.jsonl``.
+
+Configured once per process by :func:`configure`; every line carries ``run_id``, ``rank``, ``host``
+and ``role``, an ISO wall-clock ``timestamp`` and the ``event`` name. Timed work is logged as
+``event="span"`` lines (schema in ``docs/runtime.md``) with ``t0``/``t1`` from
+``time.monotonic_ns()`` — one clock per host, so spans of ranks on one host line up directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import structlog
+
+__all__ = ["configure", "get_logger", "span", "record_span", "log_path", "flush"]
+
+_configured: dict = {}
+
+
+def log_path(log_dir: str | os.PathLike, run_id: str, rank: int) -> Path:
+    """Where rank ``rank`` of run ``run_id`` writes its log."""
+    return Path(log_dir) / run_id / f"rank-{rank}.jsonl"
+
+
+def configure(*, run_id: str, rank: int, role: str, log_dir: str | os.PathLike = "logs",
+              level: str = "info", echo: bool = False) -> structlog.typing.FilteringBoundLogger:
+    """Set up this process's logger (once; a second call with other values raises).
+
+    ``echo`` also writes warnings and errors to stderr, where mpiexec shows them.
+    """
+    key = (run_id, rank, role, str(log_dir), level, echo)
+    if _configured:
+        if _configured["key"] != key:
+            raise RuntimeError(f"logging already configured for {_configured['key']}, not {key}")
+        return _configured["logger"]
+    levels = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+    if level not in levels:
+        raise ValueError(f"level={level!r}: must be one of {list(levels)}")
+    path = log_path(log_dir, run_id, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = path.open("ab", buffering=1 << 16)
+    processors = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if echo:
+        processors.append(_echo_to_stderr)
+    processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(levels[level]),
+        logger_factory=structlog.BytesLoggerFactory(fh),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(run_id=run_id, rank=rank, host=socket.gethostname(), role=role,
+                                           pid=os.getpid())
+    logger = structlog.get_logger()
+    _configured.update(key=key, logger=logger, file=fh)
+    logger.info("log_start", t_mono=time.monotonic_ns(), t_wall=time.time())
+    return logger
+
+
+def _dumps(obj, **kw) -> bytes:
+    # BytesLogger writes bytes; unknown objects (dtypes, paths) are logged by their str().
+    return json.dumps(obj, default=str, separators=(",", ":")).encode()
+
+
+def _echo_to_stderr(logger, method: str, event: dict) -> dict:
+    if method in ("warning", "error", "critical", "exception"):
+        extra = {k: v for k, v in event.items() if k not in ("event", "timestamp", "run_id", "pid", "level")}
+        print(f"[{method}] {event.get('event')}: {extra}", file=sys.stderr, flush=True)
+    return event
+
+
+def get_logger() -> structlog.typing.FilteringBoundLogger:
+    """The configured logger (a stderr logger when :func:`configure` was not called)."""
+    return _configured["logger"] if _configured else structlog.get_logger()
+
+
+def flush() -> None:
+    """Push buffered log lines to disk (call before an abort)."""
+    fh = _configured.get("file")
+    if fh is not None:
+        fh.flush()
+
+
+def record_span(name: str, t0: int, t1: int, **fields) -> None:
+    """Log one finished span ``name`` from monotonic ``t0`` to ``t1`` (ns)."""
+    get_logger().info("span", span=name, t0=t0, t1=t1, dur_us=(t1 - t0) / 1e3, **fields)
+
+
+@contextlib.contextmanager
+def span(name: str, **fields) -> Iterator[None]:
+    """Time the block and log it as a span (logged even when the block raises)."""
+    t0 = time.monotonic_ns()
+    try:
+        yield
+    finally:
+        record_span(name, t0, time.monotonic_ns(), **fields)

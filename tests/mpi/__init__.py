@@ -1,0 +1,1 @@
+"""Scripts that tests launch under mpiexec (each rank runs one)."""

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
-
 import msgpack
+import numpy as np
 import torch
 
 __all__ = [
@@ -67,7 +66,11 @@ DTYPES: tuple[torch.dtype, ...] = (
     torch.bool,
 )
 _DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
+_NUMPY_NATIVE = frozenset({torch.float32, torch.float64, torch.float16, torch.int8, torch.uint8, torch.int16,
+                           torch.int32, torch.int64, torch.bool})
+_KIND_CODE = {k: i for i, k in enumerate(KINDS)}
 _LEN = struct.Struct("<H")
+_packer = msgpack.Packer(use_bin_type=True)
 
 
 class EnvelopeError(ValueError):
@@ -84,41 +87,42 @@ def dtype_code(dtype: torch.dtype) -> int:
         ) from None
 
 
-@dataclass(slots=True, frozen=True)
 class Header:
-    """What a message says about itself."""
+    """What a message says about itself. A plain slots class: it is built twice per message on
+    the latency-critical path, where a frozen dataclass's ``__init__`` costs several microseconds.
 
-    kind: str
-    """One of :data:`KINDS`."""
-    src: int
-    """Sending rank in the communicator."""
-    dst: int
-    """Receiving rank in the communicator."""
-    channel: int
-    """Logical stream between the two ranks; messages on one channel arrive in send order."""
-    dtype: torch.dtype
-    """Payload element type."""
-    shape: tuple[int, ...]
-    """Payload shape."""
-    seq: int
-    """Per-(src, dst, channel) sequence number, 0, 1, 2, ...; a gap means a lost or crossed message."""
-    mb: int = -1
-    """Microbatch id (-1: none)."""
-    chunk: int = 0
-    """Model chunk on the rank that the message belongs to."""
-    dir: int = 0
-    """Pipeline direction: 0 first rank -> last, 1 last -> first."""
+    Fields: ``kind`` (one of :data:`KINDS`), ``src``/``dst`` (ranks in the communicator),
+    ``channel`` (logical stream; messages on one channel arrive in send order), ``dtype`` and
+    ``shape`` of the payload, ``seq`` (per-(src, dst, channel) sequence number 0, 1, 2, ...; a gap
+    means a lost or crossed message), ``mb`` (microbatch id, -1: none), ``chunk`` (model chunk on
+    the rank), ``dir`` (pipeline direction: 0 first rank -> last, 1 last -> first), and the derived
+    ``nbytes``.
+    """
 
-    def __post_init__(self) -> None:
-        dtype_code(self.dtype)  # refuse a dtype the format cannot carry, naming it
+    __slots__ = ("kind", "src", "dst", "channel", "dtype", "shape", "seq", "mb", "chunk", "dir", "nbytes")
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+    def __init__(self, *, kind: str, src: int, dst: int, channel: int, dtype: torch.dtype,
+                 shape: tuple[int, ...], seq: int, mb: int = -1, chunk: int = 0, dir: int = 0):
+        size = _ITEMSIZE.get(dtype)
+        if size is None:
+            dtype_code(dtype)  # raises, naming the dtype and the supported ones
+        self.kind, self.src, self.dst, self.channel = kind, src, dst, channel
+        self.dtype, self.shape, self.seq = dtype, shape, seq
+        self.mb, self.chunk, self.dir = mb, chunk, dir
+        self.nbytes = math.prod(shape) * size
 
     @property
     def inline(self) -> bool:
         return self.nbytes <= INLINE_MAX
+
+    def _key(self) -> tuple:
+        return tuple(getattr(self, f) for f in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Header) and self._key() == other._key()
+
+    def __repr__(self) -> str:
+        return "Header(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__) + ")"
 
 
 _ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in DTYPES}
@@ -129,31 +133,29 @@ def itemsize(dtype: torch.dtype) -> int:
     return _ITEMSIZE[dtype]
 
 
-def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as a flat uint8 tensor sharing memory (copies only if non-contiguous).
-
-    Works for every dtype in :data:`DTYPES`, including bfloat16 and float8 that have no MPI type.
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 numpy array sharing its memory (copies only if the
+    tensor is not contiguous). Works for every dtype in :data:`DTYPES`, including bfloat16 and
+    float8 that neither numpy nor MPI has a type for.
     """
     if not t.is_contiguous():
         t = t.contiguous()
-    flat = t.reshape(-1)
-    return flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+    if t.dtype in _NUMPY_NATIVE:  # the cheaper route on the hot path: no torch view op
+        return t.numpy().reshape(-1).view(np.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def pack_header(h: Header, payload: torch.Tensor | None = None) -> bytes:
-    """Encode ``h`` into a header message; appends ``payload`` (uint8) when the payload is inline."""
-    body = msgpack.packb(
-        [VERSION, KINDS.index(h.kind), h.src, h.dst, h.channel, h.mb, h.chunk, h.dir,
-         dtype_code(h.dtype), list(h.shape), h.seq, h.nbytes],
-        use_bin_type=True,
-    )
+def pack_header(h: Header, payload: np.ndarray | None = None) -> bytes:
+    """Encode ``h`` into a header message; appends ``payload`` (from :func:`tensor_bytes`) when inline."""
+    body = _packer.pack([VERSION, _KIND_CODE[h.kind], h.src, h.dst, h.channel, h.mb, h.chunk, h.dir,
+                         _DTYPE_CODE[h.dtype], h.shape, h.seq, h.nbytes])
     if len(body) > HEADER_MAX:
         raise ValueError(f"header of {len(body)} bytes exceeds HEADER_MAX={HEADER_MAX}: shape {h.shape} has too many dims")
     if h.inline:
-        raw = b"" if payload is None or payload.numel() == 0 else payload.numpy().tobytes()
+        raw = b"" if payload is None else payload.tobytes()
         if len(raw) != h.nbytes:
             raise ValueError(f"inline payload has {len(raw)} bytes, header says {h.nbytes}")
-        return _LEN.pack(len(body)) + body + raw
+        return b"".join((_LEN.pack(len(body)), body, raw))
     return _LEN.pack(len(body)) + body
 
 
@@ -179,17 +181,18 @@ def unpack_header(buf: memoryview | bytes, count: int, *, src: int, tag: int) ->
     version, kind, hsrc, hdst, channel, mb, chunk, direction, dt, shape, seq, nbytes = fields
     if version != VERSION:
         raise EnvelopeError(f"{where}: field 'version' is {version!r}, this runtime speaks version {VERSION}")
-    for name, value in (("kind", kind), ("src", hsrc), ("dst", hdst), ("channel", channel), ("mb", mb),
-                        ("chunk", chunk), ("dir", direction), ("dtype", dt), ("seq", seq), ("nbytes", nbytes)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise EnvelopeError(f"{where}: field {name!r} must be an integer, got {value!r:.40}")
+    ints = (kind, hsrc, hdst, channel, mb, chunk, direction, dt, seq, nbytes)
+    if not all(type(v) is int for v in ints):  # one pass on the hot path; name the field only on error
+        for name, value in zip(("kind", "src", "dst", "channel", "mb", "chunk", "dir", "dtype", "seq", "nbytes"), ints):
+            if type(value) is not int:
+                raise EnvelopeError(f"{where}: field {name!r} must be an integer, got {value!r:.40}")
     if not 0 <= kind < len(KINDS):
         raise EnvelopeError(f"{where}: field 'kind' code {kind} is unknown")
     if not 0 <= dt < len(DTYPES):
         raise EnvelopeError(f"{where}: field 'dtype' code {dt} is unknown")
     if hsrc != src:
         raise EnvelopeError(f"{where}: field 'src' says rank {hsrc}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise EnvelopeError(f"{where}: field 'shape' must be a list of non-negative integers, got {shape!r:.80}")
     h = Header(kind=KINDS[kind], src=hsrc, dst=hdst, channel=channel, dtype=DTYPES[dt], shape=tuple(shape),
                seq=seq, mb=mb, chunk=chunk, dir=direction)

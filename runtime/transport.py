@@ -83,13 +83,14 @@ class CommTimeout(TimeoutError):
 class SendHandle:
     """An in-flight send. ``done`` once both its MPI messages completed (the receiver matched it)."""
 
-    __slots__ = ("header", "peer", "open", "keep", "t_post", "t_done")
+    __slots__ = ("header", "peer", "open", "keep", "payload_req", "t_post", "t_done")
 
     def __init__(self, header: Header, keep: tuple):
         self.header = header
         self.peer = header.dst
         self.open = 0
         self.keep = keep  # buffers MPI reads from; must outlive the requests
+        self.payload_req: MPI.Request | None = None
         self.t_post = time.monotonic_ns()
         self.t_done = 0
 
@@ -102,7 +103,7 @@ class RecvHandle:
     """A posted receive. ``done`` once the tensor is in ``tensor``; ``header`` is set on arrival."""
 
     __slots__ = ("peer", "channel", "shape", "dtype", "expect", "tensor", "header", "hdr_buf",
-                 "open", "payload_posted", "t_post", "t_done", "on_done")
+                 "open", "payload_posted", "payload_req", "t_post", "t_done", "on_done")
 
     def __init__(self, peer: int, channel: int, shape, dtype, out, expect):
         self.peer = peer
@@ -115,6 +116,7 @@ class RecvHandle:
         self.hdr_buf: np.ndarray | None = None
         self.open = 0
         self.payload_posted = False
+        self.payload_req: MPI.Request | None = None
         self.t_post = time.monotonic_ns()
         self.t_done = 0
         self.on_done: Callable[[RecvHandle], None] | None = None
@@ -165,6 +167,9 @@ class Transport:
         self._status = [MPI.Status() for _ in range(64)]
         self._buf_pool: list[np.ndarray] = []
         self._sends: set[SendHandle] = set()
+        # Sends whose header the receiver has matched: it posts the payload receive in the same
+        # progress step, so waiting on these payloads in MPI is safe (they cannot stall for long).
+        self._matched_payloads: list[SendHandle] = []
 
     # ------------------------------------------------------------------ posting
     def _stream(self, peer: int, channel: int) -> _Stream:
@@ -190,10 +195,9 @@ class Transport:
         """
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
-        if tensor.device.type != "cpu":
+        if not tensor.is_cpu:
             raise ValueError(f"isend: tensor on {tensor.device}; this transport moves host memory, copy it to CPU first")
-        dtype_code(tensor.dtype)
-        s = self._stream(peer, channel)
+        s = self._streams.get((peer, channel)) or self._stream(peer, channel)
         if s.sends_open >= self.config.max_inflight:
             self._wait_until(lambda: s.sends_open < self.config.max_inflight,
                              f"send to rank {peer} channel {channel} stayed backpressured "
@@ -204,10 +208,11 @@ class Transport:
         payload = tensor_bytes(tensor)
         msg = pack_header(h, payload if h.inline else None)
         handle = SendHandle(h, (msg, payload))
-        self._add(self.comm.Issend([msg, MPI.BYTE], peer, 2 * channel), handle, "send")
+        self._add(self.comm.Issend([msg, MPI.BYTE], peer, 2 * channel), handle, "send_hdr")
         handle.open = 1
         if not h.inline:
-            self._add(self.comm.Isend([payload.numpy(), MPI.BYTE], peer, 2 * channel + 1), handle, "send")
+            handle.payload_req = self.comm.Isend([payload, MPI.BYTE], peer, 2 * channel + 1)
+            self._add(handle.payload_req, handle, "send")
             handle.open = 2
         s.sends_open += 1
         self._sends.add(handle)
@@ -224,14 +229,14 @@ class Transport:
         EnvelopeError naming the field.
         """
         if out is not None:
-            if not out.is_contiguous() or out.device.type != "cpu":
+            if not out.is_cpu or not out.is_contiguous():
                 raise ValueError("irecv: out must be a contiguous CPU tensor")
             shape, dtype = tuple(out.shape), out.dtype
         if (shape is None) != (dtype is None):
             raise ValueError("irecv: give both shape and dtype, or neither")
         if dtype is not None:
             dtype_code(dtype)
-        s = self._stream(peer, channel)
+        s = self._streams.get((peer, channel)) or self._stream(peer, channel)
         h = RecvHandle(peer, channel, tuple(shape) if shape is not None else None, dtype, out, expect)
         h.hdr_buf = self._buf_pool.pop() if self._buf_pool else np.empty(_HDR_BUF, np.uint8)
         self._add(self.comm.Irecv([h.hdr_buf, MPI.BYTE], peer, 2 * channel), h, "hdr")
@@ -254,8 +259,8 @@ class Transport:
             if h.tensor is None:
                 h.tensor = torch.empty(h.shape if h.header is None else h.header.shape,
                                        dtype=h.dtype if h.header is None else h.header.dtype)
-            self._add(self.comm.Irecv([tensor_bytes(h.tensor).numpy(), MPI.BYTE], h.peer, 2 * h.channel + 1),
-                      h, "payload")
+            h.payload_req = self.comm.Irecv([tensor_bytes(h.tensor), MPI.BYTE], h.peer, 2 * h.channel + 1)
+            self._add(h.payload_req, h, "payload")
             h.open += 1
 
     # ------------------------------------------------------------------ completion
@@ -277,6 +282,10 @@ class Transport:
         for (owner, what), status in finished:
             if what == "send":
                 self._send_part_done(owner)
+            elif what == "send_hdr":
+                self._send_part_done(owner)
+                if not owner.done:
+                    self._matched_payloads.append(owner)
             elif what == "hdr":
                 self._header_arrived(owner, status.Get_count(MPI.BYTE))
             else:
@@ -299,32 +308,37 @@ class Transport:
         h.open -= 1
         s = self._streams[(h.peer, h.channel)]
         header, inline = unpack_header(h.hdr_buf, count, src=h.peer, tag=2 * h.channel)
-        where = f"message from rank {h.peer} channel {h.channel}"
-        if header.dst != self.rank:
-            raise EnvelopeError(f"{where}: field 'dst' is {header.dst}, this rank is {self.rank}")
-        if header.channel != h.channel:
-            raise EnvelopeError(f"{where}: field 'channel' is {header.channel}")
-        if header.seq != s.recv_seq:
-            raise EnvelopeError(f"{where}: field 'seq' is {header.seq}, expected {s.recv_seq} (lost or crossed message)")
+        if header.dst != self.rank or header.channel != h.channel or header.seq != s.recv_seq:
+            self._reject(h, header, "dst", self.rank)
+            self._reject(h, header, "channel", h.channel)
+            self._reject(h, header, "seq", s.recv_seq, " (lost or crossed message)")
         s.recv_seq += 1
-        if h.known and (header.shape != h.shape or header.dtype != h.dtype):
-            raise EnvelopeError(f"{where} seq {header.seq}: field 'shape'/'dtype' is {list(header.shape)} {header.dtype}, "
-                                f"the receive was posted for {list(h.shape)} {h.dtype}")
-        for field, want in (h.expect or {}).items():
-            got = getattr(header, field)
-            if got != want:
-                raise EnvelopeError(f"{where} seq {header.seq}: field {field!r} is {got!r}, expected {want!r}")
+        if h.shape is not None and (header.shape != h.shape or header.dtype != h.dtype):
+            self._reject(h, header, "shape", h.shape, f" (dtype {header.dtype}; the receive was posted for {h.dtype})")
+        if h.expect:
+            for field, want in h.expect.items():
+                self._reject(h, header, field, want)
         h.header = header
         if header.inline:
-            if h.tensor is None:
+            if h.tensor is not None:
+                tensor_bytes(h.tensor)[:] = np.frombuffer(inline, np.uint8)
+            elif header.nbytes:
+                h.tensor = torch.frombuffer(bytearray(inline), dtype=header.dtype).reshape(header.shape)
+            else:
                 h.tensor = torch.empty(header.shape, dtype=header.dtype)
-            if header.nbytes:
-                tensor_bytes(h.tensor).numpy()[:] = np.frombuffer(inline, np.uint8)
         self._buf_pool.append(h.hdr_buf)
         h.hdr_buf = None
         self._post_payloads(s)
         if h.done:
             self._recv_done(h)
+
+    @staticmethod
+    def _reject(h: RecvHandle, header: Header, field: str, want, note: str = "") -> None:
+        """Raise EnvelopeError if ``header.field`` is not ``want`` (messages built only on error)."""
+        got = getattr(header, field)
+        if got != want:
+            raise EnvelopeError(f"message from rank {h.peer} channel {h.channel} seq {header.seq}: field "
+                                f"{field!r} is {got!r}, expected {want!r}{note}")
 
     def _recv_done(self, h: RecvHandle) -> None:
         h.t_done = time.monotonic_ns()
@@ -349,6 +363,9 @@ class Transport:
         spins = 0
         while not cond():
             if self.progress() == 0:
+                if self._matched_payloads:
+                    self._finish_blocking(self._matched_payloads.pop().payload_req)
+                    continue
                 spins += 1
                 # Yield the core after a while: ranks are often oversubscribed on small machines.
                 if spins > 200:
@@ -362,12 +379,33 @@ class Transport:
     def wait(self, handle: RecvHandle | SendHandle, timeout: float | None = None) -> torch.Tensor | None:
         """Drive progress until ``handle`` is done; returns the received tensor (None for a send)."""
         if isinstance(handle, RecvHandle):
-            self._wait_until(lambda: handle.done, f"receive from rank {handle.peer} channel {handle.channel} "
-                             f"(expect {handle.expect}) got nothing", timeout)
+            # Poll until the header is in; then the payload's sender has already posted its send,
+            # so a blocking MPI wait is safe and far faster than polling from Python between the
+            # chunks of a large shared-memory transfer.
+            self._wait_until(lambda: handle.header is not None, f"receive from rank {handle.peer} channel "
+                             f"{handle.channel} (expect {handle.expect}) got nothing", timeout)
+            if not handle.done:
+                self._finish_blocking(handle.payload_req)
             return handle.tensor
         self._wait_until(lambda: handle.done, f"send to rank {handle.peer} channel {handle.header.channel} "
                          f"mb {handle.header.mb} was not received", timeout)
         return None
+
+    def _finish_blocking(self, req: MPI.Request) -> None:
+        """Complete one payload request inside MPI (no Python between its chunks)."""
+        try:
+            i = self._reqs.index(req)
+        except ValueError:
+            return  # already completed by an earlier progress call
+        req.Wait()
+        owner, what = self._owners[i]
+        del self._reqs[i], self._owners[i]
+        if what == "send":
+            self._send_part_done(owner)
+        else:
+            owner.open -= 1
+            if owner.done:
+                self._recv_done(owner)
 
     def recv(self, peer: int, **kwargs) -> torch.Tensor:
         """Blocking convenience: post a receive and wait for it."""
@@ -408,6 +446,7 @@ class Transport:
             MPI.Request.Waitall(self._reqs)
         self._reqs.clear()
         self._owners.clear()
+        self._matched_payloads.clear()
         self._streams.clear()
         if open_recvs:
             raise RuntimeError(f"rank {self.rank}: transport closed with {len(open_recvs)} receives never "

@@ -1,9 +1,18 @@
 """Compute kernels: linear layers per precision backend and deferred weight gradients.
 
-Imports torch and triton only; knows nothing of MPI or models.
+Imports torch (and, on NVIDIA GPUs, triton on first use); knows nothing of MPI or models and
+configures no logging: callers log :func:`describe_backend` once at start-up.
+
+- :func:`linear`, :func:`grouped_linear`: autograd layers on the ``"fp32"``, ``"bf16"`` or
+  ``"fp8"`` backend (:data:`BACKENDS`), weight gradients deferrable with
+  :func:`capture_weight_grads`.
+- :func:`backend_for`, :func:`describe_backend`: per-device backend choice and its description.
+- :mod:`kernels.triton_ops` (Triton kernels) and :mod:`kernels.reference` (pure torch): FP8
+  quantization, dequantization and GEMMs, BF16 GEMMs.
 """
 
-from kernels.linear import BACKENDS, linear
+from kernels.backend import BACKENDS, backend_for, describe_backend
+from kernels.linear import grouped_linear, linear
 from kernels.wgrad import capture_weight_grads
 
-__all__ = ["BACKENDS", "linear", "capture_weight_grads"]
+__all__ = ["BACKENDS", "linear", "grouped_linear", "backend_for", "describe_backend", "capture_weight_grads"]

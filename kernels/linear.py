@@ -1,21 +1,40 @@
-"""Autograd linear layer ``y = x Wᵀ (+ b)`` with per-backend GEMMs and deferrable weight grads.
+"""Autograd linear layers ``y = x Wᵀ (+ b)`` and MoE expert layers, per precision backend.
 
-Backends:
+Backends (see :mod:`kernels.backend` for which device gets which):
+
 - ``"fp32"``: float32 GEMMs (torch.matmul) — the exact path the pipeline tests compare bit for bit.
+- ``"bf16"``: operands rounded to bfloat16, torch.matmul in bfloat16 (float32 accumulation on
+  every GPU/CPU library we target); outputs, weight gradients included, come out in bfloat16
+  and are returned as float32 / x's dtype. Saved activations are the bfloat16 copies.
+- ``"fp8"``: DeepSeek-V3's recipe. Forward: x quantized 1x128, W 128x128 (E4M3, scale =
+  amax / 448 computed online), FP8 GEMM with float32 accumulation promoted per 128-wide K
+  block. Input gradient: grad_output quantized 1x128 against the same quantized W (transposed
+  blocks). Weight gradient: grad_output and x both quantized 128x1 (per channel, per 128 tokens:
+  the reduction axis of ``dW = gᵀ x``), returned in float32. Triton kernels on NVIDIA GPUs with
+  FP8, the torch reference emulation on the CPU. x is saved in its own precision and quantized
+  128x1 when the weight gradient runs.
 
-The weight gradient is deferred (see :mod:`kernels.wgrad`) when a capture block is active; the
-bias gradient is not (it is a cheap reduction and needs no GEMM).
+Master weights stay in their own dtype (float32): every backend returns weight gradients in the
+weight's dtype. Outputs and input gradients come back in x's dtype.
+
+The weight gradient is deferred (see :mod:`kernels.wgrad`) when a capture block is active, on
+every backend; the closure runs the same kernels on the same tensors, so deferred and immediate
+gradients are bit-identical. The bias gradient is not deferred (a cheap reduction, no GEMM).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
 import torch
 
+from kernels import reference
+from kernels.backend import BACKENDS, fp8_impl
+from kernels.layout import BLOCK, expert_offsets
 from kernels.wgrad import accumulate_grad, defer, deferring
 
-__all__ = ["linear", "BACKENDS"]
-
-BACKENDS = ("fp32",)
+__all__ = ["linear", "grouped_linear", "BACKENDS"]
 
 
 class _LinearFP32(torch.autograd.Function):
@@ -44,10 +63,240 @@ class _LinearFP32(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _weight_grad(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """Run ``compute`` now and return its result, or defer it into the active capture block."""
+    if deferring():
+        defer(lambda: accumulate_grad(weight, compute()))
+        return None
+    return compute().to(weight.dtype)
+
+
+def _fp8_ops(device: torch.device) -> ModuleType:
+    if fp8_impl(device) == "triton":
+        # Imported on first use: Triton decides compiled vs interpreted when a kernel module loads.
+        from kernels import triton_ops
+
+        return triton_ops
+    return reference
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The GEMM output dtype for inputs of ``dtype``: bfloat16 stays, anything else gets float32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _bf16_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(a.to(torch.bfloat16), b.to(torch.bfloat16))
+
+
+def _bias_grad(ctx, g2: torch.Tensor) -> torch.Tensor | None:
+    if ctx.bias_dtype is None or not ctx.needs_input_grad[2]:
+        return None
+    return g2.float().sum(0).to(ctx.bias_dtype)
+
+
+def _fp8_wgrad(ops: ModuleType, g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``dW[N, K] = g2[M, N]ᵀ · x2[M, K]`` with both operands quantized 128x1 (tokens are the K axis)."""
+    gq, gs = ops.quant_act_128x1(g2)
+    xq, xs = ops.quant_act_128x1(x2)
+    return ops.fp8_gemm(gq, gs, xq, xs, torch.float32)
+
+
+class _LinearBF16(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        xb = x.to(torch.bfloat16)
+        ctx.save_for_backward(xb, weight)
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        y = torch.matmul(xb, weight.to(torch.bfloat16).t()).to(x.dtype)
+        return y + bias.to(y.dtype) if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        xb, weight = ctx.saved_tensors
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = _bf16_mm(grad_y, weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            x2 = xb.reshape(-1, xb.shape[-1])
+            grad_w = _weight_grad(weight, lambda: _bf16_mm(g2.t(), x2))
+        grad_b = _bias_grad(ctx, g2)
+        return grad_x, grad_w, grad_b
+
+
+class _LinearFP8(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ops = _fp8_ops(x.device)
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, xs = ops.quant_act_1x128(x2)
+        wq, ws = ops.quant_weight_128x128(weight)
+        y = ops.fp8_gemm(xq, xs, wq, ws, _gemm_dtype(x.dtype)).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], weight.shape[0])
+        # The quantized weight is kept for the input gradient (1 byte per parameter).
+        ctx.save_for_backward(x, weight, wq, ws)
+        ctx.ops = ops
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y + bias.to(y.dtype) if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight, wq, ws = ctx.saved_tensors
+        ops = ctx.ops
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gq, gs = ops.quant_act_1x128(g2)
+            # dx = g · W: the right operand is Wᵀ[K, N], whose 128x128 blocks are W's transposed.
+            dx = ops.fp8_gemm(gq, gs, wq.t().contiguous(), ws.t().contiguous(), _gemm_dtype(x.dtype))
+            grad_x = dx.to(x.dtype).reshape(x.shape)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_w = _weight_grad(weight, lambda: _fp8_wgrad(ops, g2, x2))
+        grad_b = _bias_grad(ctx, g2)
+        return grad_x, grad_w, grad_b
+
+
+def _check_backend(backend: str, caller: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"{caller}: backend={backend!r} is not one of {BACKENDS} (kernels.backend_for picks one)")
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str = "fp32"
 ) -> torch.Tensor:
-    """``x [..., in] @ weight[out, in]ᵀ (+ bias[out]) -> [..., out]`` on the chosen backend."""
+    """``x[..., in] @ weight[out, in]ᵀ (+ bias[out]) -> [..., out]`` on the chosen backend.
+
+    Autograd gives the input gradient in x's dtype and weight/bias gradients in the parameters'
+    dtype; the weight gradient is deferred inside :func:`kernels.capture_weight_grads`.
+    """
+    _check_backend(backend, "linear")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear: weight must be [out, in] with in = x.shape[-1]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
     if backend == "fp32":
         return _LinearFP32.apply(x, weight, bias)
-    raise ValueError(f"linear: backend={backend!r} is not one of {BACKENDS}")
+    if backend == "bf16":
+        return _LinearBF16.apply(x, weight, bias)
+    return _LinearFP8.apply(x, weight, bias)
+
+
+def _segments(offsets: Sequence[int]) -> list[tuple[int, int, int]]:
+    return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(offsets, offsets[1:]))]
+
+
+def _bf16_grouped_triton(device: torch.device) -> bool:
+    """True where the grouped BF16 GEMM runs as one Triton launch (NVIDIA GPUs with BF16 tensor cores)."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _quant_expert_weights(ops: ModuleType, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight[E, N, K]`` -> ``(q[E, N, K], s[E, ceil(N/128), ceil(K/128)])``, 128x128 blocks per expert."""
+    e, n, k = weight.shape
+    if n % BLOCK == 0:
+        # Experts stacked along N: with N a multiple of 128 no block straddles two experts.
+        q, s = ops.quant_weight_128x128(weight.reshape(e * n, k))
+        return q.reshape(e, n, k), s.reshape(e, n // BLOCK, -1)
+    pairs = [ops.quant_weight_128x128(weight[i]) for i in range(e)]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: tuple[int, ...], backend: str):
+        ctx.offsets, ctx.backend = offsets, backend
+        ctx.x_dtype = x.dtype
+        e, n, _ = weight.shape
+        if backend == "fp8":
+            ops = _fp8_ops(x.device)
+            xq, xs = ops.quant_act_1x128(x)
+            wq, ws = _quant_expert_weights(ops, weight)
+            y = ops.fp8_grouped_gemm(xq, xs, wq, ws, offsets, _gemm_dtype(x.dtype)).to(x.dtype)
+            ctx.ops = ops
+            ctx.save_for_backward(x, weight, wq, ws)
+            return y
+        if backend == "bf16":
+            xb = x.to(torch.bfloat16)
+            wb = weight.to(torch.bfloat16)
+            ctx.save_for_backward(xb, weight)
+            if _bf16_grouped_triton(x.device):
+                from kernels import triton_ops
+
+                return triton_ops.bf16_grouped_gemm(xb, wb, offsets, torch.bfloat16).to(x.dtype)
+            y = x.new_empty(x.shape[0], n)
+            for i, lo, hi in _segments(offsets):
+                y[lo:hi] = torch.matmul(xb[lo:hi], wb[i].t())
+            return y
+        ctx.save_for_backward(x, weight)
+        y = x.new_empty(x.shape[0], n)
+        for i, lo, hi in _segments(offsets):
+            y[lo:hi] = torch.matmul(x[lo:hi], weight[i].t())
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        offsets, backend = ctx.offsets, ctx.backend
+        segs = _segments(offsets)
+        grad_x = grad_w = None
+        if backend == "fp8":
+            x, weight, wq, ws = ctx.saved_tensors
+            ops = ctx.ops
+            if ctx.needs_input_grad[0]:
+                gq, gs = ops.quant_act_1x128(grad_y)
+                wq_t, ws_t = wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous()
+                dx = ops.fp8_grouped_gemm(gq, gs, wq_t, ws_t, offsets, _gemm_dtype(ctx.x_dtype))
+                grad_x = dx.to(ctx.x_dtype)
+
+            def wgrad() -> torch.Tensor:
+                # One weight-grad GEMM per expert: its tokens are the reduction axis, so the 128x1
+                # tiles must not straddle experts.
+                dw = torch.zeros_like(weight, dtype=torch.float32)
+                for i, lo, hi in segs:
+                    if hi > lo:
+                        dw[i] = _fp8_wgrad(ops, grad_y[lo:hi], x[lo:hi])
+                return dw
+
+        else:
+            x, weight = ctx.saved_tensors
+            mm = _bf16_mm if backend == "bf16" else torch.matmul
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.empty(grad_y.shape[0], weight.shape[2], dtype=ctx.x_dtype, device=grad_y.device)
+                for i, lo, hi in segs:
+                    grad_x[lo:hi] = mm(grad_y[lo:hi], weight[i])
+
+            def wgrad() -> torch.Tensor:
+                dw = torch.zeros_like(weight)
+                for i, lo, hi in segs:
+                    if hi > lo:
+                        dw[i] = mm(grad_y[lo:hi].t(), x[lo:hi])
+                return dw
+
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(weight, wgrad)
+        return grad_x, grad_w, None, None
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    counts_or_offsets: torch.Tensor | Sequence[int],
+    *,
+    backend: str = "fp32",
+) -> torch.Tensor:
+    """MoE experts: ``x[tokens, in]`` -> ``[tokens, out]``, rows of expert e times ``weight[e][out, in]ᵀ``.
+
+    Contiguous layout: expert e's tokens are rows ``offsets[e]:offsets[e+1]``; pass per-expert
+    counts ``[E]`` or offsets ``[E+1]`` (a tensor or ints; read on the host). Same autograd and
+    deferral rules as :func:`linear`; no bias (MoE experts have none).
+    """
+    _check_backend(backend, "grouped_linear")
+    if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2]:
+        raise ValueError(
+            "grouped_linear: x must be [tokens, in] and weight [experts, out, in] with matching in; "
+            f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    offsets = tuple(expert_offsets(counts_or_offsets, weight.shape[0], x.shape[0]))
+    return _GroupedLinear.apply(x, weight, offsets, backend)

@@ -7,6 +7,8 @@ describes the format and the semantics an executor must follow.
 
 from .actions import FB, KINDS, OPS, SCHEDULE_NAMES, Action, Compute, Recv, Schedule, Send, tag_for
 from .generators import GENERATORS, build, dualpipe, dualpipev, one_f_one_b, zb1p
+from .jsonio import dumps, from_json, to_json
+from .render import LEGEND, bubble_table, cell_label, render_simulation, render_timeline
 from .simulator import (
     ClosedForm,
     Costs,
@@ -45,4 +47,12 @@ __all__ = [
     "validate",
     "simulate",
     "closed_form",
+    "to_json",
+    "from_json",
+    "dumps",
+    "LEGEND",
+    "cell_label",
+    "render_timeline",
+    "render_simulation",
+    "bubble_table",
 ]

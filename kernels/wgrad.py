@@ -34,7 +34,14 @@ def defer(fn: Callable[[], None]) -> None:
     """Queue ``fn`` (computes and accumulates one weight gradient) on the active capture."""
     pending = getattr(_state, "pending", None)
     assert pending is not None, "defer() called outside capture_weight_grads()"
-    pending.append(fn)
+
+    def run() -> None:
+        # Backward runs with grad mode off; the deferred part must too, or the saved inputs
+        # (which require grad) would build a graph and make param.grad require grad.
+        with torch.no_grad():
+            fn()
+
+    pending.append(run)
 
 
 def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:

@@ -73,6 +73,7 @@ def test_deferred_weight_grads_are_identical(backend, gen):
     for fn in pending:
         fn()
     assert wp.grad.dtype == torch.float32
+    assert not wp.grad.requires_grad, "W must run outside autograd: a grad that requires grad leaks the graph"
     assert torch.equal(wp.grad, dw0 + 1.0)
 
 

@@ -1,0 +1,117 @@
+"""The training configuration tree: model, optimizer, pipeline and run settings.
+
+Plain ``@dataclass(kw_only=True, slots=True)`` trees with a docstring per field; each checks
+itself in ``__post_init__`` and raises ValueError naming the field and the fix. A TOML file maps
+onto the tree section by section (``[model]``, ``[optim]``, ``[pipeline]``, top-level run keys);
+``launch.train`` applies command-line flags on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.model import ModelConfig
+from actors.optim import OptimConfig
+from runtime.schedules import SCHEDULE_NAMES
+
+__all__ = ["PipelineConfig", "TrainConfig", "load_toml", "from_dict"]
+
+
+@dataclass(kw_only=True, slots=True)
+class PipelineConfig:
+    """How the model is cut and scheduled across pipeline ranks."""
+
+    schedule: str = "dualpipe"
+    """One of dualpipe, dualpipev, 1f1b, zb1p."""
+    pp: int = 4
+    """Pipeline ranks (= MPI ranks). dualpipev places 2*pp stages on them, the others pp stages."""
+    microbatches: int = 8
+    """Microbatches per optimizer step (dualpipe: even and >= 2*pp; dualpipev: >= 2*pp)."""
+    micro_batch: int = 2
+    """Sequences per microbatch."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"pipeline.schedule={self.schedule!r}: choose one of {', '.join(SCHEDULE_NAMES)}")
+        for name in ("pp", "microbatches", "micro_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"pipeline.{name}={v!r}: must be a positive integer")
+
+    @property
+    def num_stages(self) -> int:
+        return 2 * self.pp if self.schedule == "dualpipev" else self.pp
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig.small)
+    """Model shape and precision."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW settings and gradient clipping."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """Schedule, ranks and microbatching."""
+    steps: int = 40
+    """Optimizer steps to run."""
+    seed: int = 0
+    """Seeds parameters and the synthetic data."""
+    data: str | None = None
+    """Token file (numpy array of token ids, see actors.data.TokenFile); None: the synthetic task."""
+    log_dir: str = "logs"
+    """Per-rank JSON logs go to LOG_DIR/RUN_ID/rank-R.jsonl."""
+    run_id: str | None = None
+    """Log folder name; None: a fresh time-stamped id."""
+    torch_threads: int = 1
+    """torch intra-op threads per rank (1 = one core per rank, the setting for timings)."""
+    trace: bool = True
+    """Log a span for every compute, send, receive and wait (feeds the log analysis)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps={self.steps!r}: must be a positive integer")
+        if not isinstance(self.torch_threads, int) or self.torch_threads < 1:
+            raise ValueError(f"torch_threads={self.torch_threads!r}: must be >= 1")
+        if self.pipeline.num_stages > self.model.num_layers:
+            raise ValueError(f"pipeline: {self.pipeline.schedule} on pp={self.pipeline.pp} needs "
+                             f"{self.pipeline.num_stages} stages but model.num_layers={self.model.num_layers}: "
+                             f"use more layers or fewer ranks")
+        if self.data is not None and not Path(self.data).exists():
+            raise ValueError(f"data={self.data!r}: no such file (omit it to use the synthetic task)")
+
+
+def _build(cls, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+    return values
+
+
+def load_toml(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read a TOML config and apply ``overrides`` (``{"pipeline": {...}, "model": {...}, "steps": 5}``)."""
+    raw = tomllib.loads(Path(path).read_text()) if path else {}
+    return from_dict(raw, overrides)
+
+
+def from_dict(raw: dict, overrides: dict | None = None) -> TrainConfig:
+    """Build the tree from nested dicts; ``overrides`` win over ``raw`` key by key."""
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for k, v in (overrides or {}).items():
+        if isinstance(v, dict):
+            merged.setdefault(k, {}).update(v)
+        else:
+            merged[k] = v
+    model_kw = dict(merged.pop("model", {}))
+    preset = model_kw.pop("preset", "small")
+    if preset not in ("tiny", "small"):
+        raise ValueError(f"model.preset={preset!r}: choose tiny or small")
+    base = dataclasses.asdict(getattr(ModelConfig, preset)())
+    model = ModelConfig(**{**base, **_build(ModelConfig, model_kw, "[model]")})
+    optim = OptimConfig(**_build(OptimConfig, merged.pop("optim", {}), "[optim]"))
+    pipeline = PipelineConfig(**_build(PipelineConfig, merged.pop("pipeline", {}), "[pipeline]"))
+    return TrainConfig(model=model, optim=optim, pipeline=pipeline, **_build(TrainConfig, merged, "top level"))

@@ -1,0 +1,380 @@
+"""The pipeline-stage actor: walks its rank's action list and trains its model chunks.
+
+One :class:`StageActor` per pipeline rank. It holds the chunks :class:`~runtime.schedules.Schedule`
+assigns to its rank (DualPipe: stages ``r`` and ``pp-1-r``, two copies of the model across the
+ranks; DualPipeV: stages ``r`` and ``2pp-1-r``; 1F1B/ZB1P: stage ``r``) and only *walks* the
+schedule — every decision about order lives in the schedule, which is data:
+
+* ``Recv``: post a receive into a preallocated ``[micro_batch, seq, hidden]`` buffer, at once.
+* ``F``: take the input (tokens at stage 0, else the posted receive or the local hand-off from this
+  rank's other chunk), run the chunk, keep the graph; the last stage computes the loss.
+* ``B``: take the output gradient (from the loss, a receive or a local hand-off) and run backward
+  for the chunk's inputs; a ``split`` B defers the weight GEMMs (:mod:`kernels.wgrad`) to ``W``.
+* ``FB``: the forward of one direction, then the backward of the other; the forward's send is
+  posted before the backward starts so it travels while the backward computes.
+* ``Send``: post the activation / input gradient to the peer; it completes during later work.
+
+The transport is progressed from inside the chunks (a hook per layer), so rendezvous transfers
+advance while computing. After the last action the step ends: DualPipe's mirrored copies add
+their gradients and expert loads (ranks ``r`` and ``pp-1-r`` are data-parallel peers for those
+stages), the global gradient norm is summed on rank 0 in rank order and sent back (every rank
+clips with the same number), AdamW steps, and the gate biases move by the step's expert load.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from mpi4py import MPI
+
+from actors.data import TokenSource
+from actors.model import ModelConfig, Stage, build_stage, loss_fn
+from actors.optim import AdamW, OptimConfig, grad_sq_sum
+from kernels import capture_weight_grads
+from runtime import log
+from runtime.actor import Actor
+from runtime.schedules import FB, Compute, Recv, Schedule, Send
+from runtime.transport import TransportConfig
+
+__all__ = ["StageActor", "StepResult"]
+
+# Control channels between pipeline ranks; the schedule's own tags are small (0..3).
+_CH_MIRROR, _CH_LOAD, _CH_NORM_UP, _CH_NORM_DOWN, _CH_LOSS = 16, 17, 18, 19, 20
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What one optimizer step produced (losses only complete on rank 0)."""
+
+    step: int
+    losses: list[float]
+    """Per-microbatch cross-entropy in global microbatch order (rank 0; empty elsewhere)."""
+    grad_norm: float
+    seconds: float
+    compute_seconds: float
+    """Time this rank spent inside F/B/W computations."""
+
+
+class StageActor(Actor):
+    """One pipeline rank: owns its chunks, their optimizer, and walks the schedule each step."""
+
+    role = "stage"
+
+    def __init__(self, *, schedule: Schedule, model: ModelConfig, optim: OptimConfig, data: TokenSource,
+                 micro_batch: int, seed: int, program: Callable[[StageActor], object],
+                 comm: MPI.Comm = MPI.COMM_WORLD, transport: TransportConfig | None = None, trace: bool = True):
+        """``program(actor)`` is what :meth:`main` runs (e.g. N training steps with progress output)."""
+        super().__init__(comm, transport=transport, trace=trace)
+        self.program = program
+        if self.size != schedule.pp:
+            raise ValueError(f"schedule {schedule.name} has pp={schedule.pp} ranks but the job has {self.size}: "
+                             f"launch with -n {schedule.pp} or pass --pp {self.size}")
+        self.schedule = schedule
+        self.model_config = model
+        self.data = data
+        self.micro_batch = micro_batch
+        self.actions = schedule.ranks[self.rank]
+        self._early_sends = self._plan_early_sends(self.actions)
+        self.stage_ids = {c: schedule.stage_of(self.rank, c) for c in schedule.chunks(self.rank)}
+        self.chunks = {c: build_stage(model, s, schedule.num_stages, seed=seed) for c, s in self.stage_ids.items()}
+        for mod in self.chunks.values():
+            self._install_progress_hooks(mod)
+        self.params = [p for c in sorted(self.chunks) for p in self.chunks[c].parameters()]
+        self.optimizer = AdamW(self.params, optim)
+        self.act_shape = (micro_batch, model.seq_len, model.hidden)
+        self.trace = trace
+        # DualPipe keeps two copies of every stage: chunk 0 of rank r and chunk 1 of rank pp-1-r.
+        self.mirror = schedule.pp - 1 - self.rank if schedule.name == "dualpipe" else None
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _plan_early_sends(actions) -> dict[int, list[int]]:
+        """For each FB at index i: indices of the Sends of its forward's output listed after the pair
+        (before the next compute). The executor posts them between the two halves so the activation
+        travels while the backward computes; a pure function of the list, computed once."""
+        plan: dict[int, list[int]] = {}
+        for i, a in enumerate(actions):
+            if not isinstance(a, FB):
+                continue
+            for j in range(i + 1, len(actions)):
+                b = actions[j]
+                if isinstance(b, (Compute, FB)):
+                    break
+                if isinstance(b, Send) and b.kind == "act" and (b.dir, b.mb, b.chunk) == (a.f.dir, a.f.mb, a.f.chunk):
+                    plan.setdefault(i, []).append(j)
+        return plan
+
+    def _install_progress_hooks(self, module: Stage) -> None:
+        """Progress communication between layers, forward and backward, to overlap it with compute."""
+        tp = self.transport
+
+        def fwd_hook(_mod, _inp, out):
+            tp.progress()
+            t = out[0] if isinstance(out, tuple) else out
+            if torch.is_tensor(t) and t.requires_grad:
+                t.register_hook(lambda g: (tp.progress(), g)[1])
+
+        for block in module.blocks():
+            block.register_forward_hook(fwd_hook)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int, *, inspect: Callable[[StageActor], None] | None = None) -> StepResult:
+        """Run every action of this rank for optimizer step ``step``, then the optimizer.
+
+        ``inspect(self)`` runs once the gradients are final (mirrored copies summed), before
+        clipping and AdamW: tests compare them with the reference there.
+        """
+        t_start = time.monotonic_ns()
+        self._step = step
+        self._recvs: dict[tuple, object] = {}
+        self._inputs: dict[tuple, torch.Tensor] = {}
+        self._graph: dict[tuple, tuple] = {}
+        self._acts: dict[tuple, torch.Tensor] = {}
+        self._grads: dict[tuple, torch.Tensor] = {}
+        self._wgrads: dict[tuple, list] = {}
+        self._losses: dict[int, float] = {}
+        self._compute_ns = 0
+        for p in self.params:
+            # Zeros, not None: every parameter then takes part in every AdamW step, here and in the
+            # reference alike, and mirrored copies can be summed without special cases.
+            p.grad = torch.zeros_like(p)
+        for mod in self.chunks.values():
+            mod.train()
+            mod.reset_expert_load()
+        self._run_actions(forward_only=False)
+        leftovers = [k for d in (self._recvs, self._inputs, self._graph, self._wgrads) for k in d]
+        assert not leftovers, f"rank {self.rank}: schedule left work undone: {leftovers[:8]}"
+        self._sync_mirror_grads()
+        if inspect is not None:
+            inspect(self)
+        loads = self._step_expert_loads()
+        norm = self._global_grad_norm()
+        self.optimizer.step(norm)
+        for c, mod in self.chunks.items():
+            mod.update_gate_bias(loads[c])
+        losses = self._gather_losses()
+        self.transport.flush()
+        t_end = time.monotonic_ns()
+        if self.trace:
+            log.record_span("step", t_start, t_end, step=step)
+        return StepResult(step=step, losses=losses, grad_norm=norm, seconds=(t_end - t_start) / 1e9,
+                          compute_seconds=self._compute_ns / 1e9)
+
+    @torch.no_grad()
+    def forward_step(self, step: int) -> dict[int, torch.Tensor]:
+        """Inference: the schedule's forwards only. Returns logits per global microbatch on the
+        rank(s) holding the last stage (empty elsewhere)."""
+        self._step = step
+        self._recvs, self._acts, self._logits = {}, {}, {}
+        self._inputs, self._graph = {}, {}
+        self._compute_ns = 0
+        for mod in self.chunks.values():
+            mod.eval()
+        self._run_actions(forward_only=True)
+        assert not self._recvs, f"rank {self.rank}: receives left open: {list(self._recvs)[:8]}"
+        self.transport.flush()
+        return self._logits
+
+    # ------------------------------------------------------------------ actions
+    def _run_actions(self, *, forward_only: bool) -> None:
+        done_early: set[int] = set()
+        for i, a in enumerate(self.actions):
+            if i in done_early:
+                continue
+            if isinstance(a, FB):
+                self._forward(a.f, forward_only)
+                for j in self._early_sends.get(i, ()):
+                    self._do(self.actions[j], forward_only=forward_only)
+                    done_early.add(j)
+                if not forward_only:
+                    self._backward(a.b)
+            else:
+                self._do(a, forward_only=forward_only)
+
+    def _do(self, a, *, forward_only: bool) -> None:
+        if isinstance(a, Compute):
+            if a.op == "F":
+                self._forward(a, forward_only)
+            elif not forward_only:
+                self._backward(a) if a.op == "B" else self._weight_grad(a)
+        elif isinstance(a, Recv):
+            if forward_only and a.kind == "grad":
+                return
+            self._recvs[(a.kind, a.dir, a.mb, a.chunk)] = self.transport.irecv(
+                a.peer, channel=a.tag, shape=self.act_shape, dtype=torch.float32,
+                expect={"kind": a.kind, "dir": a.dir, "mb": a.mb})
+        elif isinstance(a, Send):
+            if forward_only and a.kind == "grad":
+                return
+            src = self._acts if a.kind == "act" else self._grads
+            self.transport.isend(a.peer, src.pop((a.dir, a.mb, a.chunk)), channel=a.tag, kind=a.kind,
+                                 mb=a.mb, chunk=a.chunk, dir=a.dir)
+        else:
+            raise TypeError(f"rank {self.rank}: unknown action {a!r}")
+
+    def _neighbour_chunk(self, dir: int, stage: int) -> int | None:
+        """This rank's chunk that runs ``stage`` for ``dir``, or None if another rank does."""
+        rank, chunk = self.schedule.place(dir, stage)
+        return chunk if rank == self.rank else None
+
+    def _take(self, kind: str, a: Compute, neighbour_stage: int) -> torch.Tensor:
+        """Input (``act``) or output gradient (``grad``) of action ``a``: a posted receive, or the
+        local hand-off from this rank's chunk that runs ``neighbour_stage``."""
+        handle = self._recvs.pop((kind, a.dir, a.mb, a.chunk), None)
+        if handle is not None:
+            t0 = time.monotonic_ns()
+            out = self.transport.wait(handle)
+            if self.trace:
+                log.record_span("wait", t0, time.monotonic_ns(), kind=kind, dir=a.dir, mb=a.mb, chunk=a.chunk)
+            return out
+        local = self._neighbour_chunk(a.dir, neighbour_stage)
+        store = self._acts if kind == "act" else self._grads
+        key = (a.dir, a.mb, local)
+        if local is None or key not in store:
+            raise RuntimeError(f"rank {self.rank}: {a} needs its {kind} from stage {neighbour_stage}, which the "
+                               f"schedule neither receives nor computes on this rank first")
+        return store.pop(key)
+
+    def _forward(self, a: Compute, forward_only: bool) -> None:
+        stage = self.stage_ids[a.chunk]
+        gmb = self.schedule.global_mb(a.dir, a.mb)
+        key = (a.dir, a.mb, a.chunk)
+        if stage == 0:
+            x, _ = self.data.batch(self._step, gmb, self.micro_batch)
+        else:
+            x = self._take("act", a, stage - 1)
+            if not forward_only:
+                # a leaf per chunk: each chunk's backward stops at its own input
+                x = x.detach().requires_grad_()
+                self._inputs[key] = x
+        t0 = time.monotonic_ns()
+        y, aux = self.chunks[a.chunk](x)
+        last = stage == self.schedule.num_stages - 1
+        if last:
+            _, targets = self.data.batch(self._step, gmb, self.micro_batch)
+            if forward_only:
+                self._logits[gmb] = y
+            else:
+                loss = loss_fn(y, targets)
+                self._losses[gmb] = loss.item()
+                scale = 1.0 / self.schedule.microbatches
+                total = loss * scale
+                if aux.requires_grad:
+                    total = total + aux * scale
+                self._graph[key] = ((total,), (None,))
+        else:
+            self._acts[key] = y.detach()
+            if not forward_only:
+                roots, grads = (y,), [None]
+                if aux.requires_grad:
+                    roots = (y, aux)
+                    grads.append(torch.tensor(1.0 / self.schedule.microbatches))
+                self._graph[key] = (roots, grads)
+        self._compute_done("F", a, t0)
+
+    def _backward(self, a: Compute) -> None:
+        stage = self.stage_ids[a.chunk]
+        key = (a.dir, a.mb, a.chunk)
+        roots, grads = self._graph.pop(key)
+        if stage != self.schedule.num_stages - 1:
+            grads = [self._take("grad", a, stage + 1), *grads[1:]]
+        t0 = time.monotonic_ns()
+        if a.split:
+            with capture_weight_grads() as pending:
+                torch.autograd.backward(roots, grads)
+            self._wgrads[key] = pending
+        else:
+            torch.autograd.backward(roots, grads)
+        if stage != 0:
+            self._grads[key] = self._inputs.pop(key).grad
+        self._compute_done("B", a, t0)
+
+    def _weight_grad(self, a: Compute) -> None:
+        pending = self._wgrads.pop((a.dir, a.mb, a.chunk))
+        t0 = time.monotonic_ns()
+        for fn in pending:
+            fn()
+        self._compute_done("W", a, t0)
+
+    def _compute_done(self, op: str, a: Compute, t0: int) -> None:
+        t1 = time.monotonic_ns()
+        self._compute_ns += t1 - t0
+        if self.trace:
+            log.record_span("compute", t0, t1, op=op, dir=a.dir, mb=a.mb, chunk=a.chunk,
+                            stage=self.stage_ids[a.chunk], step=self._step)
+
+    # ------------------------------------------------------------------ step end
+    def _flat_grads(self, chunk: int) -> torch.Tensor:
+        return torch.cat([p.grad.reshape(-1) for p in self.chunks[chunk].parameters()])
+
+    def _sync_mirror_grads(self) -> None:
+        """DualPipe: add the mirrored copy's gradients (both copies end bit-identical: a+b == b+a)."""
+        if self.mirror is None:
+            return
+        if self.mirror == self.rank:
+            raise AssertionError("dualpipe needs an even pp, so no rank is its own mirror")
+        tp = self.transport
+        # my chunk 0 is the mirror's chunk 1 and vice versa
+        hs = {c: tp.irecv(self.mirror, channel=_CH_MIRROR, shape=self._flat_grads(1 - c).shape,
+                          dtype=torch.float32, expect={"chunk": c}) for c in (0, 1)}
+        for c in (0, 1):
+            tp.isend(self.mirror, self._flat_grads(c), channel=_CH_MIRROR, kind="ctrl", chunk=c)
+        for c in (0, 1):
+            theirs = tp.wait(hs[c])  # the mirror's chunk c == my chunk 1 - c
+            offset = 0
+            for p in self.chunks[1 - c].parameters():
+                n = p.numel()
+                p.grad.add_(theirs[offset:offset + n].view_as(p))
+                offset += n
+
+    def _step_expert_loads(self) -> dict[int, torch.Tensor]:
+        """Each chunk's expert load for the step, summed over the mirrored copy under DualPipe."""
+        loads = {c: mod.expert_load().to(torch.float64) for c, mod in self.chunks.items()}
+        if self.mirror is None:
+            return loads
+        tp = self.transport
+        hs = {c: tp.irecv(self.mirror, channel=_CH_LOAD, shape=tuple(loads[1 - c].shape), dtype=torch.float64,
+                          expect={"chunk": c}) for c in (0, 1)}
+        for c in (0, 1):
+            tp.isend(self.mirror, loads[c].contiguous(), channel=_CH_LOAD, kind="ctrl", chunk=c)
+        return {1 - c: loads[1 - c] + tp.wait(hs[c]) for c in (0, 1)}
+
+    def _global_grad_norm(self) -> float:
+        """L2 norm of all gradients, each stage counted once; rank 0 sums in rank order."""
+        unique = [0] if self.mirror is not None else sorted(self.chunks)
+        local = sum((grad_sq_sum(list(self.chunks[c].parameters())) for c in unique),
+                    torch.zeros((), dtype=torch.float64))
+        tp = self.transport
+        if self.rank == 0:
+            hs = [tp.irecv(r, channel=_CH_NORM_UP, shape=(), dtype=torch.float64) for r in range(1, self.size)]
+            total = local.clone()
+            for h in hs:
+                total += tp.wait(h)
+            norm = total.sqrt().reshape(())
+            for r in range(1, self.size):
+                tp.isend(r, norm, channel=_CH_NORM_DOWN, kind="ctrl")
+            return float(norm)
+        tp.isend(0, local.reshape(()), channel=_CH_NORM_UP, kind="ctrl")
+        return float(tp.recv(0, channel=_CH_NORM_DOWN, shape=(), dtype=torch.float64))
+
+    def _gather_losses(self) -> list[float]:
+        """Per-microbatch losses in global order on rank 0 (the last-stage ranks send theirs)."""
+        tp = self.transport
+        mine = torch.tensor(sorted(self._losses.items()), dtype=torch.float64).reshape(-1, 2)
+        if self.rank != 0:
+            tp.isend(0, mine, channel=_CH_LOSS, kind="ctrl")
+            return []
+        rows = [mine] + [tp.recv(r, channel=_CH_LOSS) for r in range(1, self.size)]
+        table = torch.cat(rows)
+        order = table[:, 0].long()
+        if sorted(order.tolist()) != list(range(self.schedule.microbatches)):
+            raise RuntimeError(f"losses came back for microbatches {sorted(order.tolist())}, expected "
+                               f"0..{self.schedule.microbatches - 1}")
+        return table[order.argsort(), 1].tolist()
+
+    # ------------------------------------------------------------------ actor loop
+    def main(self):
+        return self.program(self)

@@ -1,0 +1,151 @@
+"""Per-rank training entry: ``python -m launch.local -n 4 launch.train [flags]`` (``make run``).
+
+Every rank parses the same flags, builds the same configuration tree (TOML file, then flags on
+top), generates the schedule, and runs a :class:`~actors.pipeline.StageActor`. Rank 0 prints one
+progress line per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from actors.config import TrainConfig, from_dict, load_toml
+from actors.data import SyntheticTokens, TokenFile
+from actors.pipeline import StageActor
+from runtime import log
+from runtime.schedules import SCHEDULE_NAMES, build
+
+__all__ = ["main", "parse_config"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launch.local -n PP launch.train",
+        description="Train a DeepSeek-V3-style MoE with a pipeline schedule over MPI ranks (one rank per "
+                    "pipeline rank). Flags override the TOML config; the TOML overrides the built-in defaults.",
+        epilog="Example: python -m launch.local -n 4 launch.train --schedule dualpipe --pp 4 --microbatches 8 "
+               "--steps 20. The number of MPI ranks must equal --pp.")
+    a = p.add_argument
+    a("--config", help="TOML file with [model], [optim], [pipeline] sections and top-level run keys")
+    a("--schedule", choices=SCHEDULE_NAMES, help="pipeline schedule (default dualpipe)")
+    a("--pp", type=int, help="pipeline ranks = MPI ranks (default 4); dualpipev puts 2*pp stages on them")
+    a("--microbatches", type=int, help="microbatches per step (dualpipe: even, >= 2*pp; dualpipev: >= 2*pp)")
+    a("--micro-batch", type=int, help="sequences per microbatch (default 2)")
+    a("--seq-len", type=int, help="tokens per sequence")
+    a("--model", choices=["tiny", "small"], help="model size preset (default small)")
+    a("--hidden", type=int, help="model width (overrides the preset)")
+    a("--layers", type=int, help="transformer layers (overrides the preset)")
+    a("--experts", type=int, help="routed experts per MoE layer (overrides the preset)")
+    a("--precision", choices=["fp32", "bf16", "fp8"],
+      help="GEMM precision: fp32 (exact), bf16, or fp8 (1x128/128x128 scaled E4M3; emulated on CPU)")
+    a("--steps", type=int, help="optimizer steps (default 40)")
+    a("--lr", type=float, help="peak learning rate")
+    a("--seed", type=int, help="seed for parameters and synthetic data (default 0)")
+    a("--data", help="token file (numpy .npy of token ids) instead of the synthetic task")
+    a("--log-dir", help="per-rank JSON logs: LOG_DIR/RUN_ID/rank-R.jsonl (default logs)")
+    a("--run-id", help="log folder name (default: time-stamped)")
+    a("--threads", type=int, help="torch threads per rank (default 1: one core per rank)")
+    a("--no-trace", action="store_true", help="do not log per-action spans (smaller logs)")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """The configuration tree from the command line (and the TOML it names)."""
+    ns = _parser().parse_args(argv)
+    over: dict = {"model": {}, "optim": {}, "pipeline": {}}
+    for flag, (section, key) in {"schedule": ("pipeline", "schedule"), "pp": ("pipeline", "pp"),
+                                 "microbatches": ("pipeline", "microbatches"),
+                                 "micro_batch": ("pipeline", "micro_batch"), "seq_len": ("model", "seq_len"),
+                                 "model": ("model", "preset"), "hidden": ("model", "hidden"),
+                                 "layers": ("model", "num_layers"), "experts": ("model", "num_routed_experts"),
+                                 "precision": ("model", "precision"), "lr": ("optim", "lr")}.items():
+        if getattr(ns, flag) is not None:
+            over[section][key] = getattr(ns, flag)
+    for flag, key in {"steps": "steps", "seed": "seed", "data": "data", "log_dir": "log_dir",
+                      "run_id": "run_id", "threads": "torch_threads"}.items():
+        if getattr(ns, flag) is not None:
+            over[key] = getattr(ns, flag)
+    if ns.no_trace:
+        over["trace"] = False
+    return load_toml(ns.config, over) if ns.config else from_dict({}, over)
+
+
+def _shared_run_id(comm: MPI.Comm, given: str | None) -> str:
+    """One run id for all ranks: the given one, $HETEROPIPE_RUN_ID, or rank 0's clock."""
+    rid = given or os.environ.get("HETEROPIPE_RUN_ID") or time.strftime("train-%Y%m%d-%H%M%S")
+    buf = np.zeros(128, np.uint8)
+    if comm.rank == 0:
+        raw = rid.encode()[:128]
+        buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+    comm.Bcast(buf, root=0)
+    return bytes(buf).rstrip(b"\0").decode()
+
+
+def _program(cfg: TrainConfig, tokens_per_step: int):
+    def run(actor: StageActor) -> list:
+        results = []
+        for step in range(cfg.steps):
+            r = actor.train_step(step)
+            results.append(r)
+            if actor.rank == 0:
+                mean = sum(r.losses) / len(r.losses)
+                actor.log.info("step", step=step, loss=mean, grad_norm=r.grad_norm, seconds=r.seconds,
+                               tokens_per_s=tokens_per_step / r.seconds)
+                print(f"step {step + 1:>4}/{cfg.steps}  loss {mean:8.4f}  grad-norm {r.grad_norm:7.3f}  "
+                      f"{tokens_per_step / r.seconds:9.0f} tokens/s  ({r.seconds:.2f} s)", flush=True)
+        return results
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    comm = MPI.COMM_WORLD
+    try:
+        cfg = parse_config(argv)
+    except ValueError as exc:
+        if comm.rank == 0:
+            print(f"launch.train: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if comm.size != cfg.pipeline.pp:
+        if comm.rank == 0:
+            print(f"launch.train: --pp {cfg.pipeline.pp} needs {cfg.pipeline.pp} MPI ranks, the job has {comm.size}: "
+                  f"run with -n {cfg.pipeline.pp}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(cfg.torch_threads)
+    try:
+        schedule = build(cfg.pipeline.schedule, cfg.pipeline.pp, cfg.pipeline.microbatches)
+    except ValueError as exc:
+        if comm.rank == 0:
+            print(f"launch.train: {exc}", file=sys.stderr)
+        return 2
+    run_id = _shared_run_id(comm, cfg.run_id)
+    logger = log.configure(run_id=run_id, rank=comm.rank, role="stage", log_dir=cfg.log_dir, echo=True)
+    logger.info("config", schedule=schedule.name, pp=schedule.pp, microbatches=schedule.microbatches,
+                stages=schedule.num_stages, stage_of_chunks=[schedule.stage_of(comm.rank, c) for c in schedule.chunks(comm.rank)],
+                model=str(cfg.model), optim=str(cfg.optim), steps=cfg.steps, seed=cfg.seed,
+                precision=cfg.model.precision)
+    m = cfg.model
+    data = TokenFile(cfg.data, m.seq_len) if cfg.data else SyntheticTokens(m.vocab_size, m.seq_len, cfg.seed)
+    tokens_per_step = cfg.pipeline.microbatches * cfg.pipeline.micro_batch * m.seq_len
+    if comm.rank == 0:
+        print(f"training {cfg.steps} steps: {schedule.name} on {schedule.pp} ranks ({schedule.num_stages} stages), "
+              f"{schedule.microbatches} microbatches x {cfg.pipeline.micro_batch} x {m.seq_len} tokens, "
+              f"precision {m.precision}; logs in {log.log_path(cfg.log_dir, run_id, 0).parent}", flush=True)
+    actor = StageActor(schedule=schedule, model=m, optim=cfg.optim, data=data, micro_batch=cfg.pipeline.micro_batch,
+                       seed=cfg.seed, program=_program(cfg, tokens_per_step), trace=cfg.trace)
+    results = actor.run()
+    if comm.rank == 0 and results:
+        first = sum(results[0].losses) / len(results[0].losses)
+        last = sum(results[-1].losses) / len(results[-1].losses)
+        print(f"done: loss {first:.4f} -> {last:.4f} over {len(results)} steps", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

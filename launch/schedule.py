@@ -26,7 +26,9 @@ _DESCRIPTION = """\
 Generate a pipeline schedule and show it as a per-rank timeline (default), as JSON (--json) or as
 its full action lists with sends and receives (--actions); --simulate adds per-rank busy time,
 bubble, peak activations and parameter copies next to the DualPipe README closed forms; --table
-prints simulated vs closed-form figures of every schedule for several stage counts.
+prints simulated vs closed-form figures of every schedule for several stage counts. The timeline
+and --table run the simulator too, so the cost flags (--f --b --w --fb --comm) apply to all modes
+except --json and --actions. "bubble" is the largest per-rank idle time (makespan - busy).
 
 --pp is the number of RANKS. For dualpipe, 1f1b and zb1p that is also the number of stages (PP in
 the README table); dualpipev runs 2*pp stages on pp ranks, so dualpipev --pp 4 is the PP=8 row.
@@ -61,10 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--actions", action="store_true",
                      help="print each rank's full action list, including Send/Recv, one action per line")
     out.add_argument("--table", action="store_true",
-                     help="print simulated vs closed-form bubble, activations and parameters of all schedules")
+                     help="print simulated vs closed-form bubble, peak activations and parameter copies of all four "
+                        "schedules for each PP in --stages (dualpipev on PP/2 ranks); needs no name/--pp")
     p.add_argument("--simulate", action="store_true",
                    help="after the timeline, print per-rank busy/idle time, bubble, peak live activations and "
-                        "parameter copies, next to the closed-form figures")
+                        "parameter copies, next to the closed-form figures (timeline mode only: "
+                        "ignored with --json, --actions and --table)")
     p.add_argument("--f", type=float, default=1.0, help="time of one forward chunk F (default 1)")
     p.add_argument("--b", type=float, default=2.0,
                    help="time of one FULL backward chunk B, input + weight gradients (default 2); a backward "
@@ -74,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="time of one overlapped forward+backward pair F&B (default 2.6; f + b = no overlap gain)")
     p.add_argument("--comm", type=float, default=0.0,
                    help="latency of one point-to-point message to a neighbouring rank (default 0)")
-    p.add_argument("--scale", type=float, default=4.0, help="timeline characters per time unit (default 4)")
+    p.add_argument("--scale", type=float, default=4.0,
+                   help="timeline characters per time unit (default 4; timeline mode only)")
     p.add_argument("--stages", type=int, nargs="+", default=[4, 8, 16],
                    help="with --table: the stage counts PP to tabulate (default 4 8 16; even)")
     return p

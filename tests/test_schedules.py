@@ -488,3 +488,87 @@ def test_action_and_cost_validation():
         Costs(f=1, b=2, w=1, fb=1)
     with pytest.raises(ValueError, match="Costs.comm"):
         Costs(f=1, b=2, w=1, fb=3, comm=-1)
+
+
+# ---------------------------------------------------------------- JSON form and CLI
+
+# ``python -m launch.schedule 1f1b --pp 2 --microbatches 2 --json``, as shown in docs/schedules.md.
+JSON_1F1B_2_2 = """\
+{"schedule": "1f1b", "pp": 2, "microbatches": 2, "ranks": [
+  [
+    {"op": "F", "dir": 0, "mb": 0, "chunk": 0, "split": false},
+    {"op": "SEND", "peer": 1, "kind": "act", "dir": 0, "mb": 0, "chunk": 0, "tag": 0},
+    {"op": "RECV", "peer": 1, "kind": "grad", "dir": 0, "mb": 0, "chunk": 0, "tag": 2},
+    {"op": "F", "dir": 0, "mb": 1, "chunk": 0, "split": false},
+    {"op": "SEND", "peer": 1, "kind": "act", "dir": 0, "mb": 1, "chunk": 0, "tag": 0},
+    {"op": "RECV", "peer": 1, "kind": "grad", "dir": 0, "mb": 1, "chunk": 0, "tag": 2},
+    {"op": "B", "dir": 0, "mb": 0, "chunk": 0, "split": false},
+    {"op": "B", "dir": 0, "mb": 1, "chunk": 0, "split": false}
+  ],
+  [
+    {"op": "RECV", "peer": 0, "kind": "act", "dir": 0, "mb": 0, "chunk": 0, "tag": 0},
+    {"op": "F", "dir": 0, "mb": 0, "chunk": 0, "split": false},
+    {"op": "RECV", "peer": 0, "kind": "act", "dir": 0, "mb": 1, "chunk": 0, "tag": 0},
+    {"op": "B", "dir": 0, "mb": 0, "chunk": 0, "split": false},
+    {"op": "SEND", "peer": 0, "kind": "grad", "dir": 0, "mb": 0, "chunk": 0, "tag": 2},
+    {"op": "F", "dir": 0, "mb": 1, "chunk": 0, "split": false},
+    {"op": "B", "dir": 0, "mb": 1, "chunk": 0, "split": false},
+    {"op": "SEND", "peer": 0, "kind": "grad", "dir": 0, "mb": 1, "chunk": 0, "tag": 2}
+  ]
+]}"""
+
+
+def test_json_documented_example(capsys):
+    from launch.schedule import main
+
+    assert main(["1f1b", "--pp", "2", "--microbatches", "2", "--json"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == JSON_1F1B_2_2
+
+
+@pytest.mark.parametrize("name, pp, m", [("dualpipe", 4, 10), ("dualpipev", 3, 7), ("1f1b", 3, 5), ("zb1p", 4, 6)])
+def test_json_round_trip(name, pp, m):
+    import json
+
+    from runtime.schedules import dumps, from_json, to_json
+
+    s = build(name, pp, m)
+    d = json.loads(dumps(s))
+    assert d == to_json(s) and from_json(d) == s
+    ops = {a["op"] for rank in d["ranks"] for a in rank}
+    assert ops <= {"F", "B", "W", "FB", "SEND", "RECV"}
+    for rank in d["ranks"]:
+        for a in rank:
+            if a["op"] == "FB":
+                assert set(a) == {"op", "f", "b"} and a["f"]["op"] == "F" and a["b"]["op"] == "B"
+            elif a["op"] in ("SEND", "RECV"):
+                assert set(a) == {"op", "peer", "kind", "dir", "mb", "chunk", "tag"}
+            else:
+                assert set(a) == {"op", "dir", "mb", "chunk", "split"}
+    bad = json.loads(dumps(s))
+    del bad["ranks"][0][0]["mb"]
+    with pytest.raises(ValueError, match=r"ranks\[0\]\[0\].*mb"):
+        from_json(bad)
+
+
+def test_cli_table_issue4_figures(capsys):
+    """``--table`` prints the issue-4 closing table; at F=1 B=2 W=1 F&B=2.6 comm=0 the simulated
+    bubble equals the README closed form (values typed in from the formulas)."""
+    from launch.schedule import main
+
+    assert main(["--table", "--stages", "4", "8", "16", "--f", "1", "--b", "2", "--w", "1", "--fb", "2.6"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[2:]:
+        cells = line.split()
+        rows[(int(cells[0]), cells[1])] = cells[2:]
+    want = {  # PP: 1F1B (PP-1)(F+B), ZB1P (PP-1)(F+B-2W), DualPipe(V) (PP/2-1)(F&B+B-3W)
+        4: {"1f1b": 9.0, "zb1p": 3.0, "dualpipe": 1.6, "dualpipev": 1.6},
+        8: {"1f1b": 21.0, "zb1p": 7.0, "dualpipe": 4.8, "dualpipev": 4.8},
+        16: {"1f1b": 45.0, "zb1p": 15.0, "dualpipe": 11.2, "dualpipev": 11.2},
+    }
+    assert set(rows) == {(pp, name) for pp in want for name in want[pp]}
+    for (pp, name), (ranks, mbs, sim, cf, act, params) in rows.items():
+        assert int(ranks) == (pp // 2 if name == "dualpipev" else pp) and int(mbs) == 2 * pp
+        assert float(sim) == pytest.approx(want[pp][name]) and float(cf) == pytest.approx(want[pp][name])
+        two = name.startswith("dualpipe")
+        assert act == f"{pp + 1 if two else pp}/{pp + 1 if two else pp}"
+        assert params == ("2x/2x" if two else "1x/1x")

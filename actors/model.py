@@ -123,8 +123,8 @@ class ModelConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> ModelConfig:
-        """16 narrow layers: enough stages for DualPipeV on 8 ranks, cheap enough for tests."""
-        base = dict(vocab_size=32, seq_len=8, hidden=16, num_layers=16, num_dense_layers=1, num_heads=2,
+        """8 narrow layers, cheap enough for multi-rank tests (pass num_layers=16 for DualPipeV on 8 ranks)."""
+        base = dict(vocab_size=32, seq_len=8, hidden=16, num_layers=8, num_dense_layers=1, num_heads=2,
                     ffn_hidden=32, moe_hidden=8, num_routed_experts=4, num_shared_experts=1, top_k=2,
                     num_groups=2, topk_groups=1, seq_aux_alpha=1e-2)
         return cls(**{**base, **overrides})

@@ -147,7 +147,7 @@ def test_moe_output_and_balance_loss_match_a_per_token_loop():
         f = [c.num_routed_experts / (c.top_k * c.seq_len) * int((chosen[b] == i).any(-1).sum()) for i in range(4)]
         p = [float((s[b, :, i] / s[b].sum(-1)).mean()) for i in range(4)]
         total += c.seq_aux_alpha * sum(fi * pi for fi, pi in zip(f, p))
-    assert abs(float(aux) - total / 2) < 1e-7
+    assert abs(aux.item() - total / 2) < 1e-7
 
 
 def test_expert_load_counts_training_forwards_and_bias_moves_against_load():

@@ -56,7 +56,7 @@ class TrainConfig:
     """AdamW settings and gradient clipping."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     """Schedule, ranks and microbatching."""
-    steps: int = 40
+    steps: int = 60
     """Optimizer steps to run."""
     seed: int = 0
     """Seeds parameters and the synthetic data."""

@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--experts", type=int, help="routed experts per MoE layer (overrides the preset)")
     a("--precision", choices=["fp32", "bf16", "fp8"],
       help="GEMM precision: fp32 (exact), bf16, or fp8 (1x128/128x128 scaled E4M3; emulated on CPU)")
-    a("--steps", type=int, help="optimizer steps (default 40)")
+    a("--steps", type=int, help="optimizer steps (default 60)")
     a("--lr", type=float, help="peak learning rate")
     a("--seed", type=int, help="seed for parameters and synthetic data (default 0)")
     a("--data", help="token file (numpy .npy of token ids) instead of the synthetic task")
@@ -131,8 +131,16 @@ def main(argv: list[str] | None = None) -> int:
                 model=str(cfg.model), optim=str(cfg.optim), steps=cfg.steps, seed=cfg.seed,
                 precision=cfg.model.precision)
     m = cfg.model
-    data = TokenFile(cfg.data, m.seq_len) if cfg.data else SyntheticTokens(m.vocab_size, m.seq_len, cfg.seed)
+    data = TokenFile(cfg.data, m.seq_len, seed=cfg.seed) if cfg.data else SyntheticTokens(m.vocab_size, m.seq_len, cfg.seed)
     tokens_per_step = cfg.pipeline.microbatches * cfg.pipeline.micro_batch * m.seq_len
+    if comm.rank == 0 and isinstance(data, SyntheticTokens):
+        print(f"synthetic Markov language (seed {cfg.seed}): a uniform guess scores {data.uniform_loss:.2f}, "
+              f"the true chain {data.entropy_rate():.2f} (lowest possible loss)", flush=True)
+    elif isinstance(data, TokenFile) and data.max_token() >= m.vocab_size:  # every rank sees the same file
+        if comm.rank == 0:
+            print(f"launch.train: token file {cfg.data} holds id {data.max_token()} but model.vocab_size is "
+                  f"{m.vocab_size}: raise the vocabulary (config [model] vocab_size)", file=sys.stderr)
+        return 2
     if comm.rank == 0:
         print(f"training {cfg.steps} steps: {schedule.name} on {schedule.pp} ranks ({schedule.num_stages} stages), "
               f"{schedule.microbatches} microbatches x {cfg.pipeline.micro_batch} x {m.seq_len} tokens, "

@@ -19,6 +19,7 @@ from mpi4py import MPI
 from actors.config import TrainConfig, from_dict, load_toml
 from actors.data import SyntheticTokens, TokenFile
 from actors.pipeline import StageActor
+from kernels import backend_for, describe_backend
 from runtime import log
 from runtime.schedules import SCHEDULE_NAMES, build
 
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 model=str(cfg.model), optim=str(cfg.optim), steps=cfg.steps, seed=cfg.seed,
                 precision=cfg.model.precision)
     m = cfg.model
+    # The precision backend is fixed by the config here (CPU ranks); logged once per rank.
+    logger.info("backend", **describe_backend("cpu", backend_for("cpu", m.precision)))
     data = TokenFile(cfg.data, m.seq_len, seed=cfg.seed) if cfg.data else SyntheticTokens(m.vocab_size, m.seq_len, cfg.seed)
     tokens_per_step = cfg.pipeline.microbatches * cfg.pipeline.micro_batch * m.seq_len
     if comm.rank == 0 and isinstance(data, SyntheticTokens):

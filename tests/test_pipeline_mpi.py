@@ -26,8 +26,8 @@ CASES = {
 @pytest.mark.parametrize("pp", sorted(CASES))
 def test_pipeline_matches_single_process_reference(pp, tmp_path):
     _, out, _ = mpirun(pp, "tests.mpi.pipeline_checks", str(tmp_path), *CASES[pp], timeout=400)
-    results = {r["case"]: r for r in (json.loads(x.split(" ", 1)[1]) for x in out.splitlines()
-                                      if x.startswith("CASE-RESULT "))}
+    lines = (tmp_path / "case-results.jsonl").read_text().splitlines()
+    results = {r["case"]: r for r in map(json.loads, lines)}
     assert sorted(results) == sorted(CASES[pp])
     for r in results.values():
         assert r["losses_bit_identical"] and r["forward_bit_identical"]

@@ -15,7 +15,7 @@ many optimizer steps). Per case:
 3. DualPipe: the two copies of every stage hold bit-identical parameters after the step;
 4. steps 1..S-1: losses within 1e-6 relative of the reference's curve (rank 0).
 
-Rank 0 prints one ``CASE-RESULT {json}`` line per case; any failed check aborts the job.
+Rank 0 appends one JSON line per case to ``LOG_DIR/case-results.jsonl``; any failed check aborts the job.
 """
 
 from __future__ import annotations
@@ -141,7 +141,9 @@ def main(argv: list[str]) -> None:
     for spec in cases:
         result = run_case(spec)
         if rank == 0:
-            print("CASE-RESULT " + json.dumps(result), flush=True)
+            # a file, not stdout: mpiexec interleaves the ranks' output mid-line
+            with open(f"{log_dir}/case-results.jsonl", "a") as fh:
+                fh.write(json.dumps(result) + "\n")
     print(f"rank {rank}: all pipeline checks ok", flush=True)
 
 

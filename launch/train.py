@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if comm.size != cfg.pipeline.pp:
         if comm.rank == 0:
             print(f"launch.train: --pp {cfg.pipeline.pp} needs {cfg.pipeline.pp} MPI ranks, the job has {comm.size}: "
-                  f"run with -n {cfg.pipeline.pp}", file=sys.stderr)
+                  f"run with -n {cfg.pipeline.pp} (make run RANKS={cfg.pipeline.pp}) or pass --pp {comm.size}",
+                  file=sys.stderr)
         return 2
     torch.set_num_threads(cfg.torch_threads)
     try:

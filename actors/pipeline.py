@@ -15,8 +15,9 @@ schedule — every decision about order lives in the schedule, which is data:
 * ``Send``: post the activation / input gradient to the peer; it completes during later work.
 
 The transport is progressed from inside the chunks (a hook per layer), so rendezvous transfers
-advance while computing. After the last action the step ends: DualPipe's mirrored copies add
-their gradients and expert loads (ranks ``r`` and ``pp-1-r`` are data-parallel peers for those
+advance while computing. DualPipe's mirrored copies exchange a chunk's gradients as soon as its
+last B/W of the step is done (the transfer overlaps the drain) and add them after the last action,
+together with their expert loads (ranks ``r`` and ``pp-1-r`` are data-parallel peers for those
 stages), the global gradient norm is summed on rank 0 in rank order and sent back (every rank
 clips with the same number), AdamW steps, and the gate biases move by the step's expert load.
 """
@@ -42,7 +43,9 @@ from runtime.transport import TransportConfig
 __all__ = ["StageActor", "StepResult"]
 
 # Control channels between pipeline ranks; the schedule's own tags are small (0..3).
-_CH_MIRROR, _CH_LOAD, _CH_NORM_UP, _CH_NORM_DOWN, _CH_LOSS = 16, 17, 18, 19, 20
+# _CH_MIRROR + c carries the sender's chunk-c gradients (one channel per chunk: the two chunks'
+# gradients become final at different points of the step, in either order).
+_CH_MIRROR, _CH_LOAD, _CH_NORM_UP, _CH_NORM_DOWN, _CH_LOSS = 16, 18, 19, 20, 21
 
 
 @dataclass(slots=True)
@@ -88,6 +91,9 @@ class StageActor(Actor):
         self.trace = trace
         # DualPipe keeps two copies of every stage: chunk 0 of rank r and chunk 1 of rank pp-1-r.
         self.mirror = schedule.pp - 1 - self.rank if schedule.name == "dualpipe" else None
+        # Where each chunk's gradients become final: its exchange with the mirror starts there and
+        # travels during the rest of the step instead of after it.
+        self._grads_final_after = self._plan_grads_final(self.actions) if self.mirror is not None else {}
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -105,6 +111,19 @@ class StageActor(Actor):
                     break
                 if isinstance(b, Send) and b.kind == "act" and (b.dir, b.mb, b.chunk) == (a.f.dir, a.f.mb, a.f.chunk):
                     plan.setdefault(i, []).append(j)
+        return plan
+
+    @staticmethod
+    def _plan_grads_final(actions) -> dict[int, list[int]]:
+        """Action index -> chunks whose last gradient-producing action (a full B or a W) it is."""
+        last: dict[int, int] = {}
+        for i, a in enumerate(actions):
+            for c in ((a.f, a.b) if isinstance(a, FB) else (a,) if isinstance(a, Compute) else ()):
+                if c.op == "W" or (c.op == "B" and not c.split):
+                    last[c.chunk] = i
+        plan: dict[int, list[int]] = {}
+        for chunk, i in sorted(last.items()):
+            plan.setdefault(i, []).append(chunk)
         return plan
 
     def _install_progress_hooks(self, module: Stage) -> None:
@@ -136,6 +155,7 @@ class StageActor(Actor):
         self._grads: dict[tuple, torch.Tensor] = {}
         self._wgrads: dict[tuple, list] = {}
         self._losses: dict[int, float] = {}
+        self._mirror_recvs: dict[int, object] = {}
         self._compute_ns = 0
         for p in self.params:
             # Zeros, not None: every parameter then takes part in every AdamW step, here and in the
@@ -193,6 +213,9 @@ class StageActor(Actor):
                     self._backward(a.b)
             else:
                 self._do(a, forward_only=forward_only)
+            if not forward_only:
+                for chunk in self._grads_final_after.get(i, ()):
+                    self._post_mirror_grads(chunk)
 
     def _do(self, a, *, forward_only: bool) -> None:
         if isinstance(a, Compute):
@@ -212,6 +235,7 @@ class StageActor(Actor):
             src = self._acts if a.kind == "act" else self._grads
             self.transport.isend(a.peer, src.pop((a.dir, a.mb, a.chunk)), channel=a.tag, kind=a.kind,
                                  mb=a.mb, chunk=a.chunk, dir=a.dir)
+            self.transport.progress()  # start the transfer now, not at the next layer hook
         else:
             raise TypeError(f"rank {self.rank}: unknown action {a!r}")
 
@@ -242,8 +266,11 @@ class StageActor(Actor):
         stage = self.stage_ids[a.chunk]
         gmb = self.schedule.global_mb(a.dir, a.mb)
         key = (a.dir, a.mb, a.chunk)
+        last = stage == self.schedule.num_stages - 1
+        if stage == 0 or last:
+            tokens, targets = self.data.batch(self._step, gmb, self.micro_batch)
         if stage == 0:
-            x, _ = self.data.batch(self._step, gmb, self.micro_batch)
+            x = tokens
         else:
             x = self._take("act", a, stage - 1)
             if not forward_only:
@@ -252,9 +279,7 @@ class StageActor(Actor):
                 self._inputs[key] = x
         t0 = time.monotonic_ns()
         y, aux = self.chunks[a.chunk](x)
-        last = stage == self.schedule.num_stages - 1
         if last:
-            _, targets = self.data.batch(self._step, gmb, self.micro_batch)
             if forward_only:
                 self._logits[gmb] = y
             else:
@@ -297,6 +322,7 @@ class StageActor(Actor):
         t0 = time.monotonic_ns()
         for fn in pending:
             fn()
+            self.transport.progress()  # W has no layer hooks: move posted transfers between its GEMMs
         self._compute_done("W", a, t0)
 
     def _compute_done(self, op: str, a: Compute, t0: int) -> None:
@@ -310,20 +336,25 @@ class StageActor(Actor):
     def _flat_grads(self, chunk: int) -> torch.Tensor:
         return torch.cat([p.grad.reshape(-1) for p in self.chunks[chunk].parameters()])
 
+    def _post_mirror_grads(self, chunk: int) -> None:
+        """DualPipe: send chunk ``chunk``'s final gradients to the mirror and post the receive of
+        the mirror's chunk ``chunk`` (the same stage as my chunk ``1 - chunk``)."""
+        tp = self.transport
+        numel = sum(p.numel() for p in self.chunks[1 - chunk].parameters())
+        self._mirror_recvs[chunk] = tp.irecv(self.mirror, channel=_CH_MIRROR + chunk, shape=(numel,),
+                                             dtype=torch.float32, expect={"chunk": chunk})
+        tp.isend(self.mirror, self._flat_grads(chunk), channel=_CH_MIRROR + chunk, kind="ctrl", chunk=chunk)
+        tp.progress()
+
     def _sync_mirror_grads(self) -> None:
         """DualPipe: add the mirrored copy's gradients (both copies end bit-identical: a+b == b+a)."""
         if self.mirror is None:
             return
         if self.mirror == self.rank:
             raise AssertionError("dualpipe needs an even pp, so no rank is its own mirror")
-        tp = self.transport
-        # my chunk 0 is the mirror's chunk 1 and vice versa
-        hs = {c: tp.irecv(self.mirror, channel=_CH_MIRROR, shape=self._flat_grads(1 - c).shape,
-                          dtype=torch.float32, expect={"chunk": c}) for c in (0, 1)}
+        assert sorted(self._mirror_recvs) == [0, 1], f"rank {self.rank}: mirror exchange not posted for both chunks"
         for c in (0, 1):
-            tp.isend(self.mirror, self._flat_grads(c), channel=_CH_MIRROR, kind="ctrl", chunk=c)
-        for c in (0, 1):
-            theirs = tp.wait(hs[c])  # the mirror's chunk c == my chunk 1 - c
+            theirs = self.transport.wait(self._mirror_recvs.pop(c))  # the mirror's chunk c == my chunk 1 - c
             offset = 0
             for p in self.chunks[1 - c].parameters():
                 n = p.numel()

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from actors.model import ModelConfig
 from actors.optim import OptimConfig
+from kernels import backend_for
 from runtime.schedules import SCHEDULE_NAMES
 
-__all__ = ["PipelineConfig", "TrainConfig", "load_toml", "from_dict"]
+__all__ = ["PipelineConfig", "TrainConfig", "load_toml", "from_dict", "resolve_precision"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -70,6 +71,9 @@ class TrainConfig:
     """torch intra-op threads per rank (1 = one core per rank, the setting for timings)."""
     trace: bool = True
     """Log a span for every compute, send, receive and wait (feeds the log analysis)."""
+    rank_precision: list[str] | None = None
+    """Per-rank override of model.precision, one entry per pipeline rank (fp32, bf16, fp8 or auto):
+    e.g. FP8 ranks on Hopper nodes and BF16 ranks on devices without FP8 in one job."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -80,8 +84,23 @@ class TrainConfig:
             raise ValueError(f"pipeline: {self.pipeline.schedule} on pp={self.pipeline.pp} needs "
                              f"{self.pipeline.num_stages} stages but model.num_layers={self.model.num_layers}: "
                              f"use more layers or fewer ranks")
+        if self.rank_precision is not None:
+            self.rank_precision = list(self.rank_precision)
+            if len(self.rank_precision) != self.pipeline.pp:
+                raise ValueError(f"rank_precision has {len(self.rank_precision)} entries for pp={self.pipeline.pp} "
+                                 f"ranks: give one per rank")
+            for r, p in enumerate(self.rank_precision):
+                if p not in ("fp32", "bf16", "fp8", "auto"):
+                    raise ValueError(f"rank_precision[{r}]={p!r}: choose fp32, bf16, fp8 or auto")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"data={self.data!r}: no such file (omit it to use the synthetic task)")
+
+
+def resolve_precision(cfg: TrainConfig, rank: int, device: str = "cpu") -> str:
+    """The GEMM backend rank ``rank`` runs: its rank_precision entry or model.precision, with
+    ``auto`` chosen from the device (fp8 on Hopper, bf16 elsewhere) and checked that it can run."""
+    wanted = cfg.rank_precision[rank] if cfg.rank_precision else cfg.model.precision
+    return backend_for(device, None if wanted == "auto" else wanted)
 
 
 def _build(cls, values: dict, where: str):

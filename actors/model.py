@@ -85,7 +85,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """Rotary embedding base."""
     precision: str = "fp32"
-    """GEMM backend: fp32 (exact; what the tests compare), bf16, or fp8 (see kernels)."""
+    """GEMM backend: fp32 (exact; what the tests compare), bf16, fp8 (see kernels), or auto: each
+    rank picks from its device (kernels.backend_for: fp8 on Hopper, bf16 elsewhere) at launch."""
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "seq_len", "hidden", "num_layers", "num_heads", "ffn_hidden", "moe_hidden",
@@ -118,8 +119,8 @@ class ModelConfig:
         for name in ("bias_update_speed", "seq_aux_alpha"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: must be >= 0")
-        if self.precision not in BACKENDS:
-            raise ValueError(f"model.precision={self.precision!r}: choose one of {', '.join(BACKENDS)}")
+        if self.precision not in (*BACKENDS, "auto"):
+            raise ValueError(f"model.precision={self.precision!r}: choose one of {', '.join(BACKENDS)} or auto")
 
     @classmethod
     def tiny(cls, **overrides) -> ModelConfig:
@@ -306,6 +307,9 @@ class Stage(torch.nn.Module):
 
     def __init__(self, c: ModelConfig, stage: int, num_stages: int, seed: int):
         super().__init__()
+        if c.precision == "auto":
+            raise ValueError("model.precision='auto' must be resolved per rank before building a stage "
+                             "(kernels.backend_for(device, None)); launch.train does this")
         self.config, self.stage, self.num_stages = c, stage, num_stages
         self.layer_ids = layer_split(c, num_stages)[stage]
         if self.is_first:

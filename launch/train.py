@@ -8,6 +8,7 @@ progress line per step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from actors.config import TrainConfig, from_dict, load_toml
+from actors.config import TrainConfig, from_dict, load_toml, resolve_precision
 from actors.data import SyntheticTokens, TokenFile
 from actors.pipeline import StageActor
-from kernels import backend_for, describe_backend
+from kernels import describe_backend
 from runtime import log
 from runtime.schedules import SCHEDULE_NAMES, build
 
@@ -44,8 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     a("--hidden", type=int, help="model width (overrides the preset)")
     a("--layers", type=int, help="transformer layers (overrides the preset)")
     a("--experts", type=int, help="routed experts per MoE layer (overrides the preset)")
-    a("--precision", choices=["fp32", "bf16", "fp8"],
-      help="GEMM precision: fp32 (exact), bf16, or fp8 (1x128/128x128 scaled E4M3; emulated on CPU)")
+    a("--precision", choices=["fp32", "bf16", "fp8", "auto"],
+      help="GEMM precision: fp32 (exact), bf16, fp8 (1x128/128x128 scaled E4M3; emulated on CPU), or auto "
+           "(per rank from its device: fp8 on Hopper, bf16 elsewhere)")
+    a("--rank-precision", metavar="P0,P1,...",
+      help="per-rank precision, one per pipeline rank (e.g. fp8,fp8,bf16,bf16: FP8 and BF16 ranks in one job)")
     a("--steps", type=int, help="optimizer steps (default 60)")
     a("--lr", type=float, help="peak learning rate")
     a("--seed", type=int, help="seed for parameters and synthetic data (default 0)")
@@ -73,6 +77,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                       "run_id": "run_id", "threads": "torch_threads"}.items():
         if getattr(ns, flag) is not None:
             over[key] = getattr(ns, flag)
+    if ns.rank_precision is not None:
+        over["rank_precision"] = [p.strip() for p in ns.rank_precision.split(",")]
     if ns.no_trace:
         over["trace"] = False
     return load_toml(ns.config, over) if ns.config else from_dict({}, over)
@@ -132,9 +138,16 @@ def main(argv: list[str] | None = None) -> int:
                 stages=schedule.num_stages, stage_of_chunks=[schedule.stage_of(comm.rank, c) for c in schedule.chunks(comm.rank)],
                 model=str(cfg.model), optim=str(cfg.optim), steps=cfg.steps, seed=cfg.seed,
                 precision=cfg.model.precision)
-    m = cfg.model
-    # The precision backend is fixed by the config here (CPU ranks); logged once per rank.
-    logger.info("backend", **describe_backend("cpu", backend_for("cpu", m.precision)))
+    # Each rank's GEMM backend: its own entry or the model's, "auto" from its device; logged once.
+    # The runtime moves host memory and the stages compute on the CPU, so the device is "cpu".
+    try:
+        precision = resolve_precision(cfg, comm.rank, "cpu")
+    except ValueError as exc:
+        print(f"launch.train: rank {comm.rank}: {exc}", file=sys.stderr)
+        comm.Abort(2)
+    m = dataclasses.replace(cfg.model, precision=precision)
+    logger.info("backend", **describe_backend("cpu", precision))
+    precisions = comm.allgather(precision)
     data = TokenFile(cfg.data, m.seq_len, seed=cfg.seed) if cfg.data else SyntheticTokens(m.vocab_size, m.seq_len, cfg.seed)
     tokens_per_step = cfg.pipeline.microbatches * cfg.pipeline.micro_batch * m.seq_len
     if comm.rank == 0 and isinstance(data, SyntheticTokens):
@@ -148,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if comm.rank == 0:
         print(f"training {cfg.steps} steps: {schedule.name} on {schedule.pp} ranks ({schedule.num_stages} stages), "
               f"{schedule.microbatches} microbatches x {cfg.pipeline.micro_batch} x {m.seq_len} tokens, "
-              f"precision {m.precision}; logs in {log.log_path(cfg.log_dir, run_id, 0).parent}", flush=True)
+              f"precision {'/'.join(precisions) if len(set(precisions)) > 1 else precision}; logs in {log.log_path(cfg.log_dir, run_id, 0).parent}", flush=True)
     actor = StageActor(schedule=schedule, model=m, optim=cfg.optim, data=data, micro_batch=cfg.pipeline.micro_batch,
                        seed=cfg.seed, program=_program(cfg, tokens_per_step), trace=cfg.trace)
     results = actor.run()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.config import TrainConfig, from_dict, load_toml
+from actors.config import TrainConfig, from_dict, load_toml, resolve_precision
 from actors.data import SyntheticTokens, TokenFile
 from actors.model import MoE, ModelConfig, build_stage, layer_split, loss_fn
 from actors.optim import AdamW, OptimConfig, grad_sq_sum
@@ -317,3 +317,15 @@ def test_train_config_from_toml_and_overrides(tmp_path):
         from_dict({"model": {"hiden": 3}})
     with pytest.raises(ValueError, match="needs 8 stages but model.num_layers=4"):
         from_dict({"model": {"preset": "tiny", "num_layers": 4}, "pipeline": {"schedule": "dualpipev", "pp": 4}})
+
+
+def test_rank_precision_resolves_per_rank():
+    cfg = from_dict({"pipeline": {"pp": 3, "schedule": "1f1b", "microbatches": 3}, "rank_precision": ["fp8", "auto", "fp32"]})
+    assert [resolve_precision(cfg, r, "cpu") for r in range(3)] == ["fp8", "bf16", "fp32"]
+    assert resolve_precision(from_dict({"model": {"precision": "auto"}}), 0, "cpu") == "bf16"
+    with pytest.raises(ValueError, match="give one per rank"):
+        from_dict({"rank_precision": ["fp8"]})
+    with pytest.raises(ValueError, match=r"rank_precision\[1\]='fp16'"):
+        from_dict({"pipeline": {"pp": 2}, "rank_precision": ["fp8", "fp16"]})
+    with pytest.raises(ValueError, match="must be resolved per rank"):
+        build_stage(ModelConfig.tiny(precision="auto"), 0, 1, seed=0)

@@ -37,10 +37,10 @@ def test_pipeline_matches_single_process_reference(pp, tmp_path):
         assert f"rank {rank}: all pipeline checks ok" in out
 
 
-def test_train_entry_point_runs_and_logs(tmp_path):
+def test_train_entry_point_runs_mixed_precision_ranks_and_logs(tmp_path):
     _, out, _ = mpirun(2, "launch.train", "--schedule", "dualpipe", "--pp", "2", "--microbatches", "4",
                        "--model", "tiny", "--steps", "3", "--log-dir", str(tmp_path), "--run-id", "t",
-                       timeout=120)
+                       "--rank-precision", "fp8,bf16", timeout=120)
     steps = [x for x in out.splitlines() if x.startswith("step ")]
     assert len(steps) == 3 and "tokens/s" in steps[0]
     assert "done: loss" in out
@@ -51,6 +51,9 @@ def test_train_entry_point_runs_and_logs(tmp_path):
         assert sum(e["op"] == "F" for e in computes) == 3 * 4
         assert sum(e["op"] == "B" for e in computes) == 3 * 4
         assert all(e["run_id"] == "t" and e["rank"] == rank for e in events)
+        # FP8 and BF16 ranks in one job, each logging its backend once
+        assert [e["backend"] for e in events if e["event"] == "backend"] == [("fp8", "bf16")[rank]]
+    assert "precision fp8/bf16" in out
 
 
 def test_train_refuses_bad_configs_with_a_clear_message(tmp_path):

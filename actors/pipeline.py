@@ -315,6 +315,9 @@ class StageActor(Actor):
             torch.autograd.backward(roots, grads)
         if stage != 0:
             self._grads[key] = self._inputs.pop(key).grad
+        # Free the graph inside the span: tearing down a microbatch's autograd graph is part of
+        # B's cost (about a millisecond here), not idle time between actions.
+        del roots, grads
         self._compute_done("B", a, t0)
 
     def _weight_grad(self, a: Compute) -> None:
@@ -323,6 +326,7 @@ class StageActor(Actor):
         for fn in pending:
             fn()
             self.transport.progress()  # W has no layer hooks: move posted transfers between its GEMMs
+        pending.clear()  # release the saved activations inside the span (part of W's cost)
         self._compute_done("W", a, t0)
 
     def _compute_done(self, op: str, a: Compute, t0: int) -> None:

@@ -160,25 +160,36 @@ class StageActor(Actor):
         for p in self.params:
             # Zeros, not None: every parameter then takes part in every AdamW step, here and in the
             # reference alike, and mirrored copies can be summed without special cases.
-            p.grad = torch.zeros_like(p)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
         for mod in self.chunks.values():
             mod.train()
             mod.reset_expert_load()
         self._run_actions(forward_only=False)
         leftovers = [k for d in (self._recvs, self._inputs, self._graph, self._wgrads) for k in d]
         assert not leftovers, f"rank {self.rank}: schedule left work undone: {leftovers[:8]}"
+        t_tail = time.monotonic_ns()
         self._sync_mirror_grads()
         if inspect is not None:
             inspect(self)
+        t_mirror = time.monotonic_ns()
         loads = self._step_expert_loads()
         norm = self._global_grad_norm()
+        t_norm = time.monotonic_ns()
         self.optimizer.step(norm)
         for c, mod in self.chunks.items():
             mod.update_gate_bias(loads[c])
+        t_optim = time.monotonic_ns()
         losses = self._gather_losses()
         self.transport.flush()
         t_end = time.monotonic_ns()
         if self.trace:
+            # the step-end work after the last action, split: mirror sum, loads + norm, AdamW, losses
+            log.record_span("tail", t_tail, t_end, step=step, mirror_us=(t_mirror - t_tail) / 1e3,
+                            norm_us=(t_norm - t_mirror) / 1e3, optim_us=(t_optim - t_norm) / 1e3,
+                            gather_us=(t_end - t_optim) / 1e3)
             log.record_span("step", t_start, t_end, step=step)
         return StepResult(step=step, losses=losses, grad_norm=norm, seconds=(t_end - t_start) / 1e9,
                           compute_seconds=self._compute_ns / 1e9)

@@ -77,8 +77,9 @@ Simulator costs (:func:`costs_from_means`): ``f`` = mean F; ``b`` = mean full (u
 mean split B + mean W when no B is full (ZB1P); ``w`` = mean W (0 without W's); ``fb`` = mean
 over FB pairs of F + B of the pair (the executor runs the halves one after the other on one
 core, so there is no compute overlap gain), else ``f + b``; clamped to what :class:`Costs` accepts
-(``w ≤ b``, ``fb ≥ max(f, b)``). One cost per op for all stages: first and last stages (embedding,
-head and loss) differ from the middle ones, which the simulator does not model.
+(``w ≤ b``, ``fb ≥ max(f, b)``). Stages are uneven (the first holds the embedding, the last the
+head and loss): ``stage_scale`` (:func:`stage_scale_from`) gives each stage its measured
+F + B relative to the mean over stages, and the simulator scales that stage's computes by it.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ __all__ = [
     "hop_latency",
     "fb_overlap",
     "costs_from_means",
+    "stage_scale_from",
     "predicted_waits",
     "unexpected_waits",
     "summarize",
@@ -430,7 +432,7 @@ def compute_means(steps: Iterable[StepLog], p: Plan) -> dict[str, dict]:
 
 def stage_means(steps: Iterable[StepLog]) -> dict[str, dict[int, float]]:
     """Mean duration (ms) per op and stage (a split and a full B both count as B): how uneven the
-    stages are (the simulator uses one cost per op)."""
+    stages are (they become the simulator's ``stage_scale``)."""
     durs: dict[tuple[str, int], list[float]] = defaultdict(list)
     for st in steps:
         for rs in st.ranks.values():
@@ -442,7 +444,20 @@ def stage_means(steps: Iterable[StepLog]) -> dict[str, dict[int, float]]:
     return dict(out)
 
 
-def costs_from_means(means: dict[str, dict], comm_ms: float) -> Costs:
+def stage_scale_from(stage_ms: dict[str, dict[int, float]], num_stages: int) -> tuple[float, ...]:
+    """Per-stage cost factors for :class:`Costs`: stage s's mean F + B over the mean of that sum
+    across stages (so the factors average 1); () if some stage has no measured F or B. W is left
+    out: only some stages split some Bs, so its mean would weigh stages unevenly."""
+    totals = []
+    for stage in range(num_stages):
+        if stage not in stage_ms.get("F", {}) or stage not in stage_ms.get("B", {}):
+            return ()
+        totals.append(stage_ms["F"][stage] + stage_ms["B"][stage])
+    mean = sum(totals) / num_stages
+    return tuple(t / mean for t in totals) if mean > 0 else ()
+
+
+def costs_from_means(means: dict[str, dict], comm_ms: float, stage_scale: tuple[float, ...] = ()) -> Costs:
     """Simulator costs from measured means (rules in the module docstring)."""
     get = lambda k: means[k]["mean_ms"] if k in means else None  # noqa: E731
     f = get("F") or 0.0
@@ -456,7 +471,7 @@ def costs_from_means(means: dict[str, dict], comm_ms: float) -> Costs:
     w = min(w, b)
     fb = get("FB") if get("FB") is not None else f + b
     fb = max(fb, f, b)
-    return Costs(f=f, b=b, w=w, fb=fb, comm=max(0.0, comm_ms))
+    return Costs(f=f, b=b, w=w, fb=fb, comm=max(0.0, comm_ms), stage_scale=stage_scale)
 
 
 # ------------------------------------------------------------------------------- expected waits
@@ -540,7 +555,8 @@ def summarize(runs: list[tuple[Schedule, list[StepLog]]], *, wait_threshold_ms: 
         missing += miss
     means = compute_means(steps, p)
     comm_ms, comm_n = hop_latency(msgs)
-    costs = costs_from_means(means, comm_ms)
+    per_stage = stage_means(steps)
+    costs = costs_from_means(means, comm_ms, stage_scale_from(per_stage, schedule.num_stages))
     sim = simulate(schedule, costs)
     ranks = sorted(figs[0].idle_ms)
     step_ms = _median([f.wall_ms for f in figs])
@@ -572,7 +588,8 @@ def summarize(runs: list[tuple[Schedule, list[StepLog]]], *, wait_threshold_ms: 
         "bubble_fraction": bubble / step_ms,
         "bubble_without_overhead_ms": no_over,
         "means": means,
-        "stage_means_ms": stage_means(steps),
+        "stage_means_ms": per_stage,
+        "stage_scale": list(costs.stage_scale),
         "comm_per_hop_ms": comm_ms,
         "comm_samples": comm_n,
         "messages_unmatched": missing,

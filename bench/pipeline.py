@@ -205,13 +205,15 @@ def print_tables(res: dict, baseline: str) -> None:
         print(f"{name:<10}{s['stages']:>7}{s['steps_measured']:>6}{s['median_step_ms']:>9.1f}"
               f"{_fmt(s.get('ratio_to_baseline'), '.3f'):>9}{rtxt:>20}{s['median_makespan_ms']:>10.1f}"
               f"{s['median_tail_ms']:>7.1f}")
-    print("\ncompute (mean ms per chunk) and per-hop latency (ms, samples); simulate() gets these as Costs")
+    print("\ncompute (mean ms per chunk) and per-hop latency (ms, samples); simulate() gets these as Costs, "
+          "each stage scaled by its F+B over the mean (scale)")
     print(f"{'schedule':<10}{'F':>7}{'B':>7}{'Bsplit':>7}{'W':>7}{'F&B':>7}{'hop (n)':>12}   F / B per stage")
     for name, s in sch.items():
         m = s["means"]
         g = lambda k: _fmt(m[k]["mean_ms"] if k in m else None)  # noqa: E731
         per = s["stage_means_ms"]
-        stages = " ".join(f"{per.get('F', {}).get(st, 0):.1f}/{per.get('B', {}).get(st, 0):.1f}"
+        scale = s.get("stage_scale") or [1.0] * s["stages"]
+        stages = " ".join(f"{per.get('F', {}).get(st, 0):.1f}/{per.get('B', {}).get(st, 0):.1f} (x{scale[st]:.2f})"
                           for st in range(s["stages"]))
         print(f"{name:<10}{g('F'):>7}{g('B'):>7}{g('Bsplit'):>7}{g('W'):>7}{g('FB'):>7}"
               f"{s['comm_per_hop_ms']:>7.2f} ({s['comm_samples']:>2})   {stages}")

@@ -260,3 +260,11 @@ def test_summarize_zb1p_costs_from_split_backward():
     assert s["idle_ms"] == pytest.approx({0: 30, 1: 30})
     assert s["messages_unmatched"] == 2  # no send/recv spans in this log
 
+
+
+def test_stage_scale_from_measured_stage_means():
+    from bench.analysis import stage_scale_from
+
+    ms = {"F": {0: 10.0, 1: 14.0}, "B": {0: 20.0, 1: 24.0}, "W": {0: 5.0}}
+    assert stage_scale_from(ms, 2) == pytest.approx((30 / 34, 38 / 34))
+    assert stage_scale_from({"F": {0: 1.0}, "B": {0: 1.0}}, 2) == ()

@@ -572,3 +572,19 @@ def test_cli_table_issue4_figures(capsys):
         two = name.startswith("dualpipe")
         assert act == f"{pp + 1 if two else pp}/{pp + 1 if two else pp}"
         assert params == ("2x/2x" if two else "1x/1x")
+
+
+def test_stage_scale_ones_change_nothing_and_uneven_1f1b_matches_hand_formula():
+    base = Costs(f=1, b=2, w=1, fb=2.6, comm=0.1)
+    for sched in (dualpipe(4, 8), dualpipev(2, 6), one_f_one_b(4, 6), zb1p(4, 6)):
+        ones = Costs(f=1, b=2, w=1, fb=2.6, comm=0.1, stage_scale=(1.0,) * sched.num_stages)
+        assert simulate(sched, ones).spans == simulate(sched, base).spans
+    # pp=2 1F1B, stage 1 slower (f1 + b1 >= f0 + b0): rank 1 never idles after its first input, so the
+    # step is f0 + M (f1 + b1) + b0 (the last input gradient still runs on rank 0).
+    for m in (1, 4, 7):
+        sim = simulate(one_f_one_b(2, m), Costs(f=1, b=2, w=0, fb=3, stage_scale=(1.0, 1.5)))
+        assert sim.makespan == pytest.approx(1 + m * 4.5 + 2)
+    with pytest.raises(ValueError, match="give one factor per stage"):
+        simulate(one_f_one_b(2, 2), Costs(f=1, b=2, w=0, fb=3, stage_scale=(1.0,)))
+    with pytest.raises(ValueError, match=r"stage_scale\[1\]=0"):
+        Costs(f=1, b=2, w=0, fb=3, stage_scale=(1.0, 0))

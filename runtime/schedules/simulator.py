@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .actions import FB, Action, Compute, Recv, Schedule, Send, tag_for
@@ -61,12 +62,20 @@ class Costs:
     """A forward and a backward chunk run overlapped (F&B)."""
     comm: float = 0.0
     """Latency of one point-to-point message between neighbouring ranks (per hop)."""
+    stage_scale: tuple[float, ...] = ()
+    """Optional per-stage factor on every compute of that stage (uneven stages: the first holds the
+    embedding, the last the head and loss); one entry per model stage, () = all stages cost the same.
+    An overlapped pair scales by its halves' factors weighted by their costs."""
 
     def __post_init__(self) -> None:
         for name in ("f", "b", "w", "fb", "comm"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"Costs.{name}={v!r}: must be a finite number >= 0")
+        object.__setattr__(self, "stage_scale", tuple(self.stage_scale))
+        for i, v in enumerate(self.stage_scale):
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"Costs.stage_scale[{i}]={v!r}: must be a finite number > 0")
         if self.w > self.b:
             raise ValueError(f"Costs.w={self.w} > Costs.b={self.b}: W is part of the full backward B; use w <= b")
         if self.fb < max(self.f, self.b):
@@ -84,6 +93,19 @@ class Costs:
         if action.op == "W":
             return self.w
         return self.b - self.w if action.split else self.b
+
+    def at(self, action: Compute | FB, stage_of: Callable[[int], int]) -> float:
+        """Duration of ``action`` on the stages its chunks run (``stage_of(chunk)``), with
+        :attr:`stage_scale` applied; the same as :meth:`of` when no scale is given."""
+        if not self.stage_scale:
+            return self.of(action)
+        if isinstance(action, FB):
+            f, b = self.of(action.f), self.of(action.b)
+            if f + b == 0:
+                return self.fb
+            weighted = f * self.stage_scale[stage_of(action.f.chunk)] + b * self.stage_scale[stage_of(action.b.chunk)]
+            return self.fb * weighted / (f + b)
+        return self.of(action) * self.stage_scale[stage_of(action.chunk)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +331,9 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
     """Run ``schedule`` under ``costs``; raise :class:`ScheduleError` / :class:`DeadlockError`."""
     s = schedule
     pairs = validate(s)
+    if costs.stage_scale and len(costs.stage_scale) != s.num_stages:
+        raise ValueError(f"Costs.stage_scale has {len(costs.stage_scale)} entries but {s.name} on {s.pp} ranks has "
+                         f"{s.num_stages} stages: give one factor per stage")
     ranks = [_Rank() for _ in range(s.pp)]
     sent: dict[tuple[int, int], float] = {}
 
@@ -371,7 +396,7 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
             for how, key in needs:
                 if how == "remote":
                     del st.posted[key]
-            end = start + costs.of(a)
+            end = start + costs.at(a, lambda chunk: s.stage_of(rank, chunk))
             st.t = end
             st.busy += end - start
             st.spans.append(Span(st.pc, a, start, end))

@@ -86,6 +86,18 @@ class StageActor(Actor):
         for mod in self.chunks.values():
             self._install_progress_hooks(mod)
         self.params = [p for c in sorted(self.chunks) for p in self.chunks[c].parameters()]
+        # One flat gradient buffer per chunk, every param.grad a view into it: zeroing, the mirror
+        # exchange and the mirror sum are one op each, with no copy. Zeros, not None: every
+        # parameter takes part in every AdamW step (here and in the reference alike).
+        self._grad_bufs: dict[int, torch.Tensor] = {}
+        for c, mod in self.chunks.items():
+            params = list(mod.parameters())
+            buf = torch.zeros(sum(p.numel() for p in params))
+            offset = 0
+            for p in params:
+                p.grad = buf[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            self._grad_bufs[c] = buf
         self.optimizer = AdamW(self.params, optim)
         self.act_shape = (micro_batch, model.seq_len, model.hidden)
         self.trace = trace
@@ -156,14 +168,14 @@ class StageActor(Actor):
         self._wgrads: dict[tuple, list] = {}
         self._losses: dict[int, float] = {}
         self._mirror_recvs: dict[int, object] = {}
+        self._mirror_sends: dict[int, object] = {}
         self._compute_ns = 0
-        for p in self.params:
-            # Zeros, not None: every parameter then takes part in every AdamW step, here and in the
-            # reference alike, and mirrored copies can be summed without special cases.
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            else:
-                p.grad.zero_()
+        for c, buf in self._grad_bufs.items():
+            buf.zero_()
+            # autograd accumulates into an existing .grad in place; a replaced one would break the view
+            storage = buf.untyped_storage().data_ptr()
+            assert all(p.grad is not None and p.grad.untyped_storage().data_ptr() == storage
+                       for p in self.chunks[c].parameters()), f"rank {self.rank}: a .grad left chunk {c}'s buffer"
         for mod in self.chunks.values():
             mod.train()
             mod.reset_expert_load()
@@ -348,17 +360,16 @@ class StageActor(Actor):
                             stage=self.stage_ids[a.chunk], step=self._step)
 
     # ------------------------------------------------------------------ step end
-    def _flat_grads(self, chunk: int) -> torch.Tensor:
-        return torch.cat([p.grad.reshape(-1) for p in self.chunks[chunk].parameters()])
-
     def _post_mirror_grads(self, chunk: int) -> None:
         """DualPipe: send chunk ``chunk``'s final gradients to the mirror and post the receive of
         the mirror's chunk ``chunk`` (the same stage as my chunk ``1 - chunk``)."""
         tp = self.transport
-        numel = sum(p.numel() for p in self.chunks[1 - chunk].parameters())
-        self._mirror_recvs[chunk] = tp.irecv(self.mirror, channel=_CH_MIRROR + chunk, shape=(numel,),
-                                             dtype=torch.float32, expect={"chunk": chunk})
-        tp.isend(self.mirror, self._flat_grads(chunk), channel=_CH_MIRROR + chunk, kind="ctrl", chunk=chunk)
+        self._mirror_recvs[chunk] = tp.irecv(self.mirror, channel=_CH_MIRROR + chunk,
+                                             shape=tuple(self._grad_bufs[1 - chunk].shape), dtype=torch.float32,
+                                             expect={"chunk": chunk})
+        # sent in place: the buffer is not touched again until this send is done (_sync_mirror_grads)
+        self._mirror_sends[chunk] = tp.isend(self.mirror, self._grad_bufs[chunk], channel=_CH_MIRROR + chunk,
+                                             kind="ctrl", chunk=chunk)
         tp.progress()
 
     def _sync_mirror_grads(self) -> None:
@@ -370,11 +381,8 @@ class StageActor(Actor):
         assert sorted(self._mirror_recvs) == [0, 1], f"rank {self.rank}: mirror exchange not posted for both chunks"
         for c in (0, 1):
             theirs = self.transport.wait(self._mirror_recvs.pop(c))  # the mirror's chunk c == my chunk 1 - c
-            offset = 0
-            for p in self.chunks[1 - c].parameters():
-                n = p.numel()
-                p.grad.add_(theirs[offset:offset + n].view_as(p))
-                offset += n
+            self.transport.wait(self._mirror_sends.pop(1 - c))  # my chunk 1 - c has left: safe to add into it
+            self._grad_bufs[1 - c].add_(theirs)
 
     def _step_expert_loads(self) -> dict[int, torch.Tensor]:
         """Each chunk's expert load for the step, summed over the mirrored copy under DualPipe."""

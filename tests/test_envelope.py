@@ -71,6 +71,10 @@ GOOD = [1, 1, 3, 1, 9, 5, 1, 1, 0, [2], 17, 8]  # float32 [2] = 8 bytes inline
         (_msg(GOOD[:11] + [12], b"\0" * 8), "'nbytes'"),
         (_msg(GOOD, b"\0" * 5), "payload size 5"),
         (_msg(GOOD[:5] + ["x"] + GOOD[6:], b"\0" * 8), "'mb'"),
+        (_msg(GOOD[:1] + [True] + GOOD[2:], b"\0" * 8), "'kind'"),  # msgpack bools are not ints here
+        (_msg(GOOD[:9] + [2] + GOOD[10:], b"\0" * 8), "'shape'"),
+        (_msg(GOOD[:9] + [[4097]] + GOOD[10:11] + [16388], b"\0" * 3), "3 stray bytes"),
+        (_msg(GOOD[:11] + [8.0], b"\0" * 8), "'nbytes'"),
     ],
 )
 def test_corrupt_headers_rejected_naming_sender_tag_and_field(msg, field):

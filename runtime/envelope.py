@@ -71,6 +71,7 @@ _DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
 _NUMPY_NATIVE = frozenset({torch.float32, torch.float64, torch.float16, torch.int8, torch.uint8, torch.int16,
                            torch.int32, torch.int64, torch.bool})
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+_NUM_KINDS, _NUM_DTYPES = len(KINDS), len(DTYPES)
 _LEN = struct.Struct("<H")
 _packer = msgpack.Packer(use_bin_type=True)
 
@@ -196,7 +197,7 @@ def unpack_header(buf: memoryview | bytes | np.ndarray, count: int, *, src: int,
     version, kind, hsrc, hdst, channel, mb, chunk, direction, dt, shape, seq, nbytes = fields
     if not (type(version) is type(kind) is type(hsrc) is type(hdst) is type(channel) is type(mb) is type(chunk)
             is type(direction) is type(dt) is type(seq) is type(nbytes) is int and type(shape) is list
-            and version == VERSION and 0 <= kind < len(KINDS) and 0 <= dt < len(DTYPES) and hsrc == src):
+            and version == VERSION and 0 <= kind < _NUM_KINDS and 0 <= dt < _NUM_DTYPES and hsrc == src):
         _explain(fields, src, tag)
     for d in shape:
         if type(d) is not int or d < 0:

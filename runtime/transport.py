@@ -211,8 +211,8 @@ class Transport:
         s = self._streams.get((peer, channel)) or self._stream(peer, channel)
         if s.sends_open >= self.config.max_inflight:
             self._wait_until(lambda: s.sends_open < self.config.max_inflight,
-                             f"send to rank {peer} channel {channel} stayed backpressured "
-                             f"({s.sends_open} unmatched sends)")
+                             lambda: f"send to rank {peer} channel {channel} stayed backpressured "
+                                     f"({s.sends_open} unmatched sends)")
         h = Header(kind=kind, src=self.rank, dst=peer, channel=channel, dtype=tensor.dtype,
                    shape=tuple(tensor.shape), seq=s.send_seq, mb=mb, chunk=chunk, dir=dir)
         s.send_seq += 1
@@ -373,7 +373,9 @@ class Transport:
                       kind=header.kind, mb=header.mb, chunk=header.chunk, dir=header.dir, nbytes=header.nbytes)
 
     # ------------------------------------------------------------------ waiting
-    def _wait_until(self, cond: Callable[[], bool], what: str, timeout: float | None = None) -> None:
+    def _wait_until(self, cond: Callable[[], bool], what: Callable[[], str], timeout: float | None = None) -> None:
+        """Drive progress until ``cond()``; past the deadline raise CommTimeout saying ``what()``
+        (a callable, so that the message is only formatted when it is needed)."""
         if cond():
             return
         deadline = time.monotonic() + (self.config.timeout_s if timeout is None else timeout)
@@ -395,7 +397,7 @@ class Transport:
                         idle_since = now
                     time.sleep(0 if now - idle_since < _SPIN_S else 1e-4)
                     if now > deadline:
-                        raise CommTimeout(f"rank {self.rank}: {what} for more than "
+                        raise CommTimeout(f"rank {self.rank}: {what()} for more than "
                                           f"{self.config.timeout_s if timeout is None else timeout:g} s", self.pending())
             else:
                 spins = 0
@@ -406,12 +408,12 @@ class Transport:
             # Poll until the header is in; then the payload's sender has already posted its send,
             # so a blocking MPI wait is safe and far faster than polling from Python between the
             # chunks of a large shared-memory transfer.
-            self._wait_until(lambda: handle.header is not None, f"receive from rank {handle.peer} channel "
+            self._wait_until(lambda: handle.header is not None, lambda: f"receive from rank {handle.peer} channel "
                              f"{handle.channel} (expect {handle.expect}) got nothing", timeout)
             if not handle.done:
                 self._finish_blocking(handle.payload_req)
             return handle.tensor
-        self._wait_until(lambda: handle.done, f"send to rank {handle.peer} channel {handle.header.channel} "
+        self._wait_until(lambda: handle.done, lambda: f"send to rank {handle.peer} channel {handle.header.channel} "
                          f"mb {handle.header.mb} was not received", timeout)
         return None
 
@@ -437,7 +439,7 @@ class Transport:
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every send posted so far has been received."""
-        self._wait_until(lambda: not self._sends, f"{len(self._sends)} sends were not received", timeout)
+        self._wait_until(lambda: not self._sends, lambda: f"{len(self._sends)} sends were not received", timeout)
 
     def pending(self) -> list[dict]:
         """Every open operation: op, peer, channel, kind, microbatch, seq, state, age in seconds."""

@@ -24,10 +24,12 @@ from runtime.schedules import (
     ScheduleError,
     Send,
     build,
+    bubble_table,
     closed_form,
     dualpipe,
     dualpipev,
     one_f_one_b,
+    render_simulation,
     simulate,
     zb1p,
 )
@@ -399,6 +401,45 @@ def test_closed_form_values():
     assert closed_form("dualpipe", 8, c).bubble == pytest.approx(4.8)
     with pytest.raises(ValueError, match="even"):
         closed_form("dualpipe", 7, c)
+
+
+dualpipe_cells = st.builds(
+    # F = B - W >= W, the DualPipe formula's cost model; comm 0 or not.
+    lambda f, wf, fbf, comm: Costs(f=f, b=f + wf * f, w=wf * f, fb=f + wf * f + fbf * f, comm=comm),
+    st.floats(0.1, 4), st.floats(0, 1), st.floats(0, 1), st.sampled_from([0.0, 0.0, 0.3]),
+)
+
+
+@SETTINGS
+@given(st.sampled_from(range(2, 17, 2)), st.integers(0, 4), st.one_of(costs_st, dualpipe_cells))
+def test_closed_form_holds_means_simulator_agrees(stages, extra, c):
+    """Whenever closed_form says its assumption holds, the simulator (the independent reference)
+    gives exactly the formula's bubble; a formula outside its assumption is flagged, never silent."""
+    built = {"1f1b": one_f_one_b(stages, stages + extra), "zb1p": zb1p(stages, stages + extra),
+             "dualpipe": dualpipe(stages, 2 * stages + 2 * extra),
+             "dualpipev": dualpipev(stages // 2, stages + extra)}
+    for name, sched in built.items():
+        cf = closed_form(name, stages, c)
+        if cf.holds:
+            assert simulate(sched, c).bubble == pytest.approx(cf.bubble, abs=1e-9), (name, c)
+        else:
+            assert c.comm > 0 or name != "1f1b"
+
+
+def test_closed_form_outside_its_assumption_is_flagged():
+    c = Costs(f=1, b=2, w=1.5, fb=2.6)  # W > F and W > B - W: ZB1P's formula gives 0, DualPipe's 0.3 at PP=8
+    assert closed_form("1f1b", 8, c).holds
+    for name in ("zb1p", "dualpipe", "dualpipev"):
+        assert not closed_form(name, 8, c).holds
+    assert not closed_form("dualpipe", 8, Costs(f=2, b=2, w=1, fb=3)).holds  # F != B - W
+    assert not closed_form("1f1b", 8, Costs(f=1, b=2, w=1, fb=2.6, comm=0.2)).holds
+    assert not closed_form("1f1b", 2, Costs(f=1, b=2, w=1, fb=2.6, stage_scale=(1, 2))).holds
+    table = bubble_table([8], c)
+    starred = [line.split()[1] for line in table.splitlines() if "*" in line and not line.startswith("*")]
+    assert starred == ["zb1p", "dualpipe", "dualpipev"]
+    assert "* zb1p: its formula assumes comm = 0, equal stages, W <= F, W <= B - W" in table
+    text = render_simulation(zb1p(4, 8), simulate(zb1p(4, 8), c), c)
+    assert "these costs do not meet that" in text and "W <= B - W" in text
 
 
 def test_comm_latency_adds_to_the_bubble():

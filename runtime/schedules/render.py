@@ -75,7 +75,10 @@ def render_simulation(schedule: Schedule, result: SimResult, costs: Costs) -> st
         f"{'parameters (max)':<22}{max(result.param_copies):>9}x {cf.params:>11}x",
         f"{'devices':<22}{schedule.pp:>10} {cf.devices:>12}",
     ]
-    if not math.isclose(result.bubble, cf.bubble, abs_tol=1e-9):
+    if not cf.holds:
+        lines.append(f"the closed-form bubble assumes {cf.assumption}; these costs do not meet that, "
+                     "so only the simulated bubble applies (docs/schedules.md)")
+    elif not math.isclose(result.bubble, cf.bubble, abs_tol=1e-9):
         lines.append("simulated bubble differs from the closed form: see docs/schedules.md "
                      "(cost assumptions of the formulas)")
     return "\n".join(lines)
@@ -92,15 +95,20 @@ def bubble_table(stages: Iterable[int], costs: Costs, microbatches: int | None =
         f"{'PP':>3} {'schedule':<10}{'ranks':>6}{'mbs':>5}{'sim bubble':>12}{'closed form':>12}"
         f"{'act sim/tab':>12}{'params sim/tab':>15}",
     ]
+    unmet: dict[str, str] = {}
     for pp_stages in stages:
         m = microbatches if microbatches is not None else 2 * pp_stages
         for name in ("1f1b", "zb1p", "dualpipe", "dualpipev"):
             ranks = pp_stages // 2 if name == "dualpipev" else pp_stages
             result = simulate(build(name, ranks, m), costs)
             cf = closed_form(name, pp_stages, costs)
+            if not cf.holds:
+                unmet[name] = cf.assumption
             lines.append(
-                f"{pp_stages:>3} {name:<10}{ranks:>6}{m:>5}{result.bubble:>12.3f}{cf.bubble:>12.3f}"
-                f"{max(result.peak_activations):>7}/{cf.activations:<4}"
+                f"{pp_stages:>3} {name:<10}{ranks:>6}{m:>5}{result.bubble:>12.3f}{cf.bubble:>11.3f}"
+                f"{' ' if cf.holds else '*'}{max(result.peak_activations):>7}/{cf.activations:<4}"
                 f"{max(result.param_copies):>10}x/{cf.params}x"
             )
+    lines += [f"* {name}: its formula assumes {a}; these costs do not meet that, so only the simulated "
+              "bubble applies (docs/schedules.md)" for name, a in unmet.items()]
     return "\n".join(lines)

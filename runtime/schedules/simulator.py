@@ -157,22 +157,34 @@ class ClosedForm:
     """Peak activations per device, in units of one stage-microbatch."""
     devices: int
     """Ranks used."""
+    assumption: str
+    """The cost condition under which ``bubble`` is the schedule's bubble (docs/schedules.md)."""
+    holds: bool
+    """Whether the costs given meet ``assumption``; if not, ``bubble`` is only the formula's value
+    (it can even be negative) and the simulator's figure is the one to use."""
 
 
 def closed_form(name: str, pp_stages: int, costs: Costs) -> ClosedForm:
     """Table figures for ``name`` on ``pp_stages`` pipeline stages (PP in the README).
 
     1F1B (PP-1)(F+B); ZB1P (PP-1)(F+B-2W); DualPipe and DualPipeV (PP/2-1)(F&B+B-3W). DualPipeV
-    runs the PP stages on PP/2 devices.
+    runs the PP stages on PP/2 devices. Every formula assumes comm = 0 and stages of equal cost;
+    ZB1P's also W <= F and W <= B - W (and at least PP microbatches), DualPipe's F = B - W >= W.
+    ``holds`` says whether ``costs`` meet that.
     """
     if not isinstance(pp_stages, int) or pp_stages < 1:
         raise ValueError(f"pp_stages={pp_stages!r}: must be a positive integer (number of pipeline stages)")
     c = costs
+    base = "comm = 0, equal stages"
+    uniform = c.comm == 0 and len(set(c.stage_scale)) <= 1
     if name == "1f1b":
-        return ClosedForm(bubble=(pp_stages - 1) * (c.f + c.b), params=1, activations=pp_stages, devices=pp_stages)
+        return ClosedForm(bubble=(pp_stages - 1) * (c.f + c.b), params=1, activations=pp_stages,
+                          devices=pp_stages, assumption=base, holds=uniform)
     if name == "zb1p":
         return ClosedForm(
-            bubble=(pp_stages - 1) * (c.f + c.b - 2 * c.w), params=1, activations=pp_stages, devices=pp_stages
+            bubble=(pp_stages - 1) * (c.f + c.b - 2 * c.w), params=1, activations=pp_stages, devices=pp_stages,
+            assumption=f"{base}, W <= F, W <= B - W, microbatches >= PP",
+            holds=uniform and c.w <= c.f and c.w <= c.b - c.w,
         )
     if name in ("dualpipe", "dualpipev"):
         if pp_stages % 2:
@@ -182,6 +194,8 @@ def closed_form(name: str, pp_stages: int, costs: Costs) -> ClosedForm:
             params=2,
             activations=pp_stages + 1,
             devices=pp_stages if name == "dualpipe" else pp_stages // 2,
+            assumption=f"{base}, F = B - W >= W",
+            holds=uniform and math.isclose(c.f, c.b - c.w, rel_tol=1e-9, abs_tol=1e-12) and c.w <= c.f,
         )
     raise ValueError(f"name={name!r}: must be one of ('dualpipe', 'dualpipev', '1f1b', 'zb1p')")
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import BACKENDS, grouped_linear, linear
+from topology.routing import select_experts
 
 __all__ = ["ModelConfig", "Stage", "layer_split", "build_stage", "loss_fn"]
 
@@ -241,16 +242,9 @@ class MoE(torch.nn.Module):
         """h: [tokens, hidden] -> (expert ids [tokens, top_k], gate weights [tokens, top_k], scores [tokens, E])."""
         c = self.c
         scores = torch.sigmoid(linear(h, self.gate))  # float32 gate, as in V3
-        biased = scores.detach() + self.bias
-        if c.num_groups > 1:
-            grouped = biased.view(h.shape[0], c.num_groups, -1)
-            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [tokens, groups]
-            keep = torch.zeros_like(group_score, dtype=torch.bool)
-            keep.scatter_(1, group_score.topk(c.topk_groups, dim=-1).indices, True)
-            biased = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(biased)
-        idx = biased.topk(c.top_k, dim=-1).indices
-        w = scores.gather(1, idx)
-        return idx, w / w.sum(-1, keepdim=True) * c.route_scale, scores
+        w, idx = select_experts(scores, self.bias, num_groups=c.num_groups, topk_groups=c.topk_groups,
+                                top_k=c.top_k, route_scale=c.route_scale)
+        return idx, w, scores
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [batch, seq, hidden] -> (y [batch, seq, hidden], sequence-balance loss, 0-dim)."""

@@ -1,6 +1,11 @@
 """Cluster description, rank layout, node-limited routing, expert placement, dispatch plans and link
 costs. Pure (torch / numpy): nothing here touches MPI."""
 
+from topology.cluster import (DEVICE_SPEEDS, Cluster, LinkClass, Node, cluster_from_hostfile, dump_cluster,
+                              emulated_cluster, load_cluster, parse_cluster)
+from topology.layout import AXES, EPGroup, Layout, RankPlace
 from topology.routing import GROUP_SCORES, select_experts
 
-__all__ = ["GROUP_SCORES", "select_experts"]
+__all__ = ["DEVICE_SPEEDS", "Cluster", "LinkClass", "Node", "cluster_from_hostfile", "dump_cluster",
+           "emulated_cluster", "load_cluster", "parse_cluster", "AXES", "EPGroup", "Layout", "RankPlace",
+           "GROUP_SCORES", "select_experts"]

@@ -24,6 +24,7 @@ clips with the same number), AdamW steps, and the gate biases move by the step's
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from actors.data import TokenSource
 from actors.model import ModelConfig, Stage, build_stage, loss_fn
 from actors.optim import AdamW, OptimConfig, grad_sq_sum
 from kernels import capture_weight_grads
-from runtime import log
+from runtime import log, spans
 from runtime.actor import Actor
 from runtime.schedules import FB, Compute, Recv, Schedule, Send
 from runtime.transport import TransportConfig
@@ -199,10 +200,12 @@ class StageActor(Actor):
         t_end = time.monotonic_ns()
         if self.trace:
             # the step-end work after the last action, split: mirror sum, loads + norm, AdamW, losses
-            log.record_span("tail", t_tail, t_end, step=step, mirror_us=(t_mirror - t_tail) / 1e3,
+            log.record_span(spans.TAIL, t_tail, t_end, step=step, mirror_us=(t_mirror - t_tail) / 1e3,
                             norm_us=(t_norm - t_mirror) / 1e3, optim_us=(t_optim - t_norm) / 1e3,
                             gather_us=(t_end - t_optim) / 1e3)
-            log.record_span("step", t_start, t_end, step=step)
+            # ru_maxrss is in KiB on Linux: the rank's peak resident memory so far
+            log.record_span(spans.STEP, t_start, t_end, step=step,
+                            peak_mem_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return StepResult(step=step, losses=losses, grad_norm=norm, seconds=(t_end - t_start) / 1e9,
                           compute_seconds=self._compute_ns / 1e9)
 
@@ -275,7 +278,7 @@ class StageActor(Actor):
             t0 = time.monotonic_ns()
             out = self.transport.wait(handle)
             if self.trace:
-                log.record_span("wait", t0, time.monotonic_ns(), kind=kind, dir=a.dir, mb=a.mb, chunk=a.chunk)
+                log.record_span(spans.WAIT, t0, time.monotonic_ns(), kind=kind, dir=a.dir, mb=a.mb, chunk=a.chunk)
             return out
         local = self._neighbour_chunk(a.dir, neighbour_stage)
         store = self._acts if kind == "act" else self._grads
@@ -356,7 +359,7 @@ class StageActor(Actor):
         t1 = time.monotonic_ns()
         self._compute_ns += t1 - t0
         if self.trace:
-            log.record_span("compute", t0, t1, op=op, dir=a.dir, mb=a.mb, chunk=a.chunk,
+            log.record_span(spans.COMPUTE, t0, t1, op=op, dir=a.dir, mb=a.mb, chunk=a.chunk,
                             stage=self.stage_ids[a.chunk], step=self._step)
 
     # ------------------------------------------------------------------ step end

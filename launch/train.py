@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from actors.config import TrainConfig, from_dict, load_toml, resolve_precision
 from actors.data import SyntheticTokens, TokenFile
 from actors.pipeline import StageActor
 from kernels import describe_backend
-from runtime import log
+from runtime import clock, log, spans
 from runtime.schedules import SCHEDULE_NAMES, build
 
 __all__ = ["main", "parse_config"]
@@ -84,15 +84,28 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return load_toml(ns.config, over) if ns.config else from_dict({}, over)
 
 
-def _shared_run_id(comm: MPI.Comm, given: str | None) -> str:
-    """One run id for all ranks: the given one, $HETEROPIPE_RUN_ID, or rank 0's clock."""
-    rid = given or os.environ.get("HETEROPIPE_RUN_ID") or time.strftime("train-%Y%m%d-%H%M%S")
-    buf = np.zeros(128, np.uint8)
+def _shared_run_dir(comm: MPI.Comm, log_dir: str, given: str | None) -> tuple[str, str]:
+    """(run id, absolute log dir) shared by all ranks; rank 0 creates the run folder, failing if it
+    exists. The id is the given one, $HETEROPIPE_RUN_ID (launch/mpirun.sh sets one for all nodes) or
+    a fresh time-stamped one; a relative LOG_DIR is resolved on rank 0, so ranks started in other
+    working directories write into the same folder. Raises OSError on every rank if it cannot."""
+    buf = np.zeros(4096, np.uint8)
     if comm.rank == 0:
-        raw = rid.encode()[:128]
+        rid = given or os.environ.get("HETEROPIPE_RUN_ID") or log.fresh_run_id()
+        try:
+            msg = {"run_id": rid, "log_dir": str(log.create_run_dir(log_dir, rid).parent)}
+        except (OSError, ValueError) as exc:
+            msg = {"error": str(exc)}
+        raw = json.dumps(msg).encode()
+        if len(raw) > buf.size:
+            msg = {"error": f"run id or log dir too long ({len(raw)} bytes)"}
+            raw = json.dumps(msg).encode()
         buf[: len(raw)] = np.frombuffer(raw, np.uint8)
     comm.Bcast(buf, root=0)
-    return bytes(buf).rstrip(b"\0").decode()
+    msg = json.loads(bytes(buf).rstrip(b"\0").decode())
+    if "error" in msg:
+        raise OSError(msg["error"])
+    return msg["run_id"], msg["log_dir"]
 
 
 def _program(cfg: TrainConfig, tokens_per_step: int):
@@ -132,12 +145,22 @@ def main(argv: list[str] | None = None) -> int:
         if comm.rank == 0:
             print(f"launch.train: {exc}", file=sys.stderr)
         return 2
-    run_id = _shared_run_id(comm, cfg.run_id)
-    logger = log.configure(run_id=run_id, rank=comm.rank, role="stage", log_dir=cfg.log_dir, echo=True)
-    logger.info("config", schedule=schedule.name, pp=schedule.pp, microbatches=schedule.microbatches,
+    try:
+        run_id, log_dir = _shared_run_dir(comm, cfg.log_dir, cfg.run_id)
+    except OSError as exc:
+        if comm.rank == 0:
+            print(f"launch.train: {exc}", file=sys.stderr)
+        return 2
+    logger = log.configure(run_id=run_id, rank=comm.rank, role="stage", log_dir=log_dir, echo=True)
+    # Spans of ranks on other hosts are put on rank 0's clock by the analysis with this offset.
+    off = clock.offset_to_root(comm)
+    logger.info(spans.CLOCK, offset_ns=off.offset_ns, rtt_ns=off.rtt_ns, rounds=off.rounds)
+    tokens_per_step = cfg.pipeline.microbatches * cfg.pipeline.micro_batch * cfg.model.seq_len
+    logger.info(spans.CONFIG, schedule=schedule.name, pp=schedule.pp, microbatches=schedule.microbatches,
                 stages=schedule.num_stages, stage_of_chunks=[schedule.stage_of(comm.rank, c) for c in schedule.chunks(comm.rank)],
                 model=str(cfg.model), optim=str(cfg.optim), steps=cfg.steps, seed=cfg.seed,
-                precision=cfg.model.precision)
+                precision=cfg.model.precision, micro_batch=cfg.pipeline.micro_batch, seq_len=cfg.model.seq_len,
+                tokens_per_step=tokens_per_step)
     # Each rank's GEMM backend: its own entry or the model's, "auto" from its device; logged once.
     # The runtime moves host memory and the stages compute on the CPU, so the device is "cpu".
     try:
@@ -149,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("backend", **describe_backend("cpu", precision))
     precisions = comm.allgather(precision)
     data = TokenFile(cfg.data, m.seq_len, seed=cfg.seed) if cfg.data else SyntheticTokens(m.vocab_size, m.seq_len, cfg.seed)
-    tokens_per_step = cfg.pipeline.microbatches * cfg.pipeline.micro_batch * m.seq_len
     if comm.rank == 0 and isinstance(data, SyntheticTokens):
         print(f"synthetic Markov language (seed {cfg.seed}): a uniform guess scores {data.uniform_loss:.2f}, "
               f"the true chain {data.entropy_rate():.2f} (lowest possible loss)", flush=True)
@@ -161,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if comm.rank == 0:
         print(f"training {cfg.steps} steps: {schedule.name} on {schedule.pp} ranks ({schedule.num_stages} stages), "
               f"{schedule.microbatches} microbatches x {cfg.pipeline.micro_batch} x {m.seq_len} tokens, "
-              f"precision {'/'.join(precisions) if len(set(precisions)) > 1 else precision}; logs in {log.log_path(cfg.log_dir, run_id, 0).parent}", flush=True)
+              f"precision {'/'.join(precisions) if len(set(precisions)) > 1 else precision}; logs in {log.log_path(log_dir, run_id, 0).parent}", flush=True)
     actor = StageActor(schedule=schedule, model=m, optim=cfg.optim, data=data, micro_batch=cfg.pipeline.micro_batch,
                        seed=cfg.seed, program=_program(cfg, tokens_per_step), trace=cfg.trace)
     results = actor.run()

@@ -2,8 +2,9 @@
 
 Configured once per process by :func:`configure`; every line carries ``run_id``, ``rank``, ``host``
 and ``role``, an ISO wall-clock ``timestamp`` and the ``event`` name. Timed work is logged as
-``event="span"`` lines (schema in ``docs/runtime.md``) with ``t0``/``t1`` from
-``time.monotonic_ns()`` — one clock per host, so spans of ranks on one host line up directly.
+``event="span"`` lines (schema and its version: :mod:`runtime.spans`) with ``t0``/``t1`` from
+``time.monotonic_ns()`` — one clock per host; the ``clock`` record (:mod:`runtime.clock`) puts the
+ranks of other hosts on rank 0's time axis. Every run gets its own folder (:func:`create_run_dir`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import socket
 import sys
 import time
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import structlog
 
-__all__ = ["configure", "get_logger", "span", "record_span", "log_path", "flush"]
+from runtime import spans
+
+__all__ = ["configure", "get_logger", "span", "record_span", "log_path", "flush", "fresh_run_id", "create_run_dir"]
 
 _configured: dict = {}
 
@@ -27,6 +31,27 @@ _configured: dict = {}
 def log_path(log_dir: str | os.PathLike, run_id: str, rank: int) -> Path:
     """Where rank ``rank`` of run ``run_id`` writes its log."""
     return Path(log_dir) / run_id / f"rank-{rank}.jsonl"
+
+
+def fresh_run_id(prefix: str = "train") -> str:
+    """``PREFIX-YYYYmmdd-HHMMSS-xxxxxx``: sortable by start time, and a random suffix so that two
+    runs started in the same second (or on two machines) never get the same id."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def create_run_dir(log_dir: str | os.PathLike, run_id: str) -> Path:
+    """Create ``log_dir/run_id`` (absolute), failing if it exists: two runs never share log files.
+
+    Call it once per job (rank 0) and hand the path to the other ranks.
+    """
+    path = Path(log_dir).resolve() / run_id
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise FileExistsError(f"log folder {path} exists (another run wrote there): pass a new --run-id, "
+                              f"or none for a fresh one") from None
+    return path
 
 
 def configure(*, run_id: str, rank: int, role: str, log_dir: str | os.PathLike = "logs",
@@ -64,7 +89,7 @@ def configure(*, run_id: str, rank: int, role: str, log_dir: str | os.PathLike =
                                            pid=os.getpid())
     logger = structlog.get_logger()
     _configured.update(key=key, logger=logger, file=fh)
-    logger.info("log_start", t_mono=time.monotonic_ns(), t_wall=time.time())
+    logger.info(spans.LOG_START, schema=spans.SCHEMA_VERSION, t_mono=time.monotonic_ns(), t_wall=time.time())
     return logger
 
 
@@ -93,8 +118,8 @@ def flush() -> None:
 
 
 def record_span(name: str, t0: int, t1: int, **fields) -> None:
-    """Log one finished span ``name`` from monotonic ``t0`` to ``t1`` (ns)."""
-    get_logger().info("span", span=name, t0=t0, t1=t1, dur_us=(t1 - t0) / 1e3, **fields)
+    """Log one finished span ``name`` (a :mod:`runtime.spans` name) from monotonic ``t0`` to ``t1`` (ns)."""
+    get_logger().info(spans.SPAN, span=name, t0=t0, t1=t1, dur_us=(t1 - t0) / 1e3, **fields)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from runtime import spans
 from runtime.envelope import (
     HEADER_MAX,
     INLINE_MAX,
@@ -319,7 +320,7 @@ class Transport:
             self._sends.discard(h)
             self._streams[(h.peer, h.header.channel)].sends_open -= 1
             if self._on_span is not None:
-                self._span("send", h.t_post, h.t_done, h.header)
+                self._span(spans.SEND, h.t_post, h.t_done, h.header)
 
     def _header_arrived(self, h: RecvHandle, count: int) -> None:
         h.open -= 1
@@ -364,13 +365,14 @@ class Transport:
         while s.recvs and s.recvs[0].done:
             s.recvs.popleft()
         if self._on_span is not None:
-            self._span("recv", h.t_post, h.t_done, h.header)
+            self._span(spans.RECV, h.t_post, h.t_done, h.header)
         if h.on_done is not None:
             h.on_done(h)
 
     def _span(self, name: str, t0: int, t1: int, header: Header) -> None:
-        self._on_span(name, t0, t1, peer=header.dst if name == "send" else header.src, channel=header.channel,
-                      kind=header.kind, mb=header.mb, chunk=header.chunk, dir=header.dir, nbytes=header.nbytes)
+        self._on_span(name, t0, t1, peer=header.dst if name == spans.SEND else header.src, channel=header.channel,
+                      kind=header.kind, mb=header.mb, chunk=header.chunk, dir=header.dir, nbytes=header.nbytes,
+                      seq=header.seq)
 
     # ------------------------------------------------------------------ waiting
     def _wait_until(self, cond: Callable[[], bool], what: Callable[[], str], timeout: float | None = None) -> None:

@@ -74,6 +74,15 @@ class TrainConfig:
     rank_precision: list[str] | None = None
     """Per-rank override of model.precision, one entry per pipeline rank (fp32, bf16, fp8 or auto):
     e.g. FP8 ranks on Hopper nodes and BF16 ranks on devices without FP8 in one job."""
+    checkpoint_dir: str = "checkpoints"
+    """Checkpoints go to CHECKPOINT_DIR/step-NNNNNNNN/ (one shard per rank, manifest written last)."""
+    checkpoint_every: int = 0
+    """Write a checkpoint after every N-th optimizer step (0: never)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in checkpoint_dir (bit-exact in fp32)."""
+    nonfinite: str = "stop"
+    """What a NaN/Inf loss or gradient norm does: "stop" the job with a report, or "skip" the step
+    (no optimizer update, no bias update; the report is logged and training goes on)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -92,6 +101,10 @@ class TrainConfig:
             for r, p in enumerate(self.rank_precision):
                 if p not in ("fp32", "bf16", "fp8", "auto"):
                     raise ValueError(f"rank_precision[{r}]={p!r}: choose fp32, bf16, fp8 or auto")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every!r}: must be >= 0 (0 disables checkpoints)")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite={self.nonfinite!r}: choose stop (end the job) or skip (drop the step)")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"data={self.data!r}: no such file (omit it to use the synthetic task)")
 
@@ -103,22 +116,48 @@ def resolve_precision(cfg: TrainConfig, rank: int, device: str = "cpu") -> str:
     return backend_for(device, None if wanted == "auto" else wanted)
 
 
+# Scalar field annotations checked before construction, so that a TOML value of the wrong type
+# (``pp = "4"``) is a ValueError naming the field instead of a TypeError deep in __post_init__.
+_SCALAR_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
 def _build(cls, values: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    for name, value in values.items():
+        ann = str(fields[name].type)
+        optional = ann.endswith(" | None")
+        want = _SCALAR_TYPES.get(ann.removesuffix(" | None"))
+        if want is None or (optional and value is None):
+            continue
+        if not isinstance(value, want) or (bool not in want and isinstance(value, bool)):
+            raise ValueError(f"{where} {name}={value!r}: must be {ann.replace(' | None', '')}, "
+                             f"got {type(value).__name__} (write it without quotes if it is a number)")
     return values
 
 
 def load_toml(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """Read a TOML config and apply ``overrides`` (``{"pipeline": {...}, "model": {...}, "steps": 5}``)."""
-    raw = tomllib.loads(Path(path).read_text()) if path else {}
+    raw = {}
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"config {str(path)!r}: no such file (check the --config path)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"config {str(path)!r}: cannot read it ({exc}); pass a readable TOML file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config {str(path)!r}: not valid TOML ({exc}); fix the file") from None
     return from_dict(raw, overrides)
 
 
 def from_dict(raw: dict, overrides: dict | None = None) -> TrainConfig:
     """Build the tree from nested dicts; ``overrides`` win over ``raw`` key by key."""
+    for section in ("model", "optim", "pipeline"):
+        if section in raw and not isinstance(raw[section], dict):
+            raise ValueError(f"{section}={raw[section]!r}: must be a [{section}] table of keys")
     merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for k, v in (overrides or {}).items():
         if isinstance(v, dict):

@@ -107,10 +107,14 @@ class TokenFile:
         path = Path(path)
         if not path.exists():
             raise ValueError(f"token file {path}: no such file")
-        if path.suffix == ".npy":
-            self.tokens = np.load(path, mmap_mode="r")
-        else:
-            self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        try:
+            if path.suffix == ".npy":
+                self.tokens = np.load(path, mmap_mode="r")
+            else:
+                self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"token file {path}: cannot read it ({exc}); pass a readable .npy of token ids "
+                             f"or a raw {dtype} file") from None
         if self.tokens.ndim != 1 or not np.issubdtype(self.tokens.dtype, np.integer):
             raise ValueError(f"token file {path}: need a 1-D integer array, got {self.tokens.dtype} "
                              f"shape {self.tokens.shape}")

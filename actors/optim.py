@@ -75,6 +75,15 @@ class AdamW:
         self.params = params
         self.num_steps = 0
 
+    def state_dict(self) -> dict:
+        """Everything :meth:`step` depends on besides the parameters: moments, step counts."""
+        return {"torch": self._opt.state_dict(), "num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (same parameters in the same order)."""
+        self._opt.load_state_dict(state["torch"])
+        self.num_steps = int(state["num_steps"])
+
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
         w = self.config.warmup_steps
@@ -97,4 +106,7 @@ class AdamW:
         for group in self._opt.param_groups:
             group["lr"] = lr
         self._opt.step()
+        # The fused kernel writes the parameters without bumping their autograd version, which
+        # is what invalidates the FP8 weight copies (kernels.fp8_weights): bump it here.
+        torch.autograd.graph.increment_version(self.params)
         self.num_steps += 1

@@ -17,18 +17,27 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from actors import checkpoint
 from actors.config import TrainConfig, from_dict, load_toml, resolve_precision
 from actors.data import SyntheticTokens, TokenFile
 from actors.pipeline import StageActor
+from actors.preflight import preflight
 from kernels import describe_backend
 from runtime import clock, log, spans
-from runtime.schedules import SCHEDULE_NAMES, build
+from runtime.schedules import SCHEDULE_NAMES
 
 __all__ = ["main", "parse_config"]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # A ValueError reaches main(), where rank 0 alone prints it: one line per job, not a
+        # usage text from every rank.
+        raise ValueError(f"{message} (see --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m launch.local -n PP launch.train",
         description="Train a DeepSeek-V3-style MoE with a pipeline schedule over MPI ranks (one rank per "
                     "pipeline rank). Flags override the TOML config; the TOML overrides the built-in defaults.",
@@ -58,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     a("--run-id", help="log folder name (default: time-stamped)")
     a("--threads", type=int, help="torch threads per rank (default 1: one core per rank)")
     a("--no-trace", action="store_true", help="do not log per-action spans (smaller logs)")
+    a("--checkpoint-every", type=int, metavar="N",
+      help="write a checkpoint after every N-th step (default 0: never); one shard per rank, manifest last")
+    a("--checkpoint-dir", help="where checkpoints go: DIR/step-NNNNNNNN/ (default checkpoints)")
+    a("--resume", action="store_true",
+      help="continue from the newest complete checkpoint in --checkpoint-dir (same losses as an uninterrupted run)")
+    a("--nonfinite", choices=["stop", "skip"],
+      help="on a NaN/Inf loss or gradient norm: stop the job with a report (default) or skip the step")
     return p
 
 
@@ -74,13 +90,16 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         if getattr(ns, flag) is not None:
             over[section][key] = getattr(ns, flag)
     for flag, key in {"steps": "steps", "seed": "seed", "data": "data", "log_dir": "log_dir",
-                      "run_id": "run_id", "threads": "torch_threads"}.items():
+                      "run_id": "run_id", "threads": "torch_threads", "checkpoint_every": "checkpoint_every",
+                      "checkpoint_dir": "checkpoint_dir", "nonfinite": "nonfinite"}.items():
         if getattr(ns, flag) is not None:
             over[key] = getattr(ns, flag)
     if ns.rank_precision is not None:
         over["rank_precision"] = [p.strip() for p in ns.rank_precision.split(",")]
     if ns.no_trace:
         over["trace"] = False
+    if ns.resume:
+        over["resume"] = True
     return load_toml(ns.config, over) if ns.config else from_dict({}, over)
 
 
@@ -108,10 +127,16 @@ def _shared_run_dir(comm: MPI.Comm, log_dir: str, given: str | None) -> tuple[st
     return msg["run_id"], msg["log_dir"]
 
 
-def _program(cfg: TrainConfig, tokens_per_step: int):
+def _program(cfg: TrainConfig, tokens_per_step: int, resume_from: tuple | None):
     def run(actor: StageActor) -> list:
         results = []
-        for step in range(cfg.steps):
+        first = 0
+        if resume_from is not None:
+            first = checkpoint.restore(*resume_from, actor, actor.rank)
+            actor.log.info("resumed", checkpoint=str(resume_from[0]), next_step=first)
+            if actor.rank == 0:
+                print(f"resumed from {resume_from[0]}: continuing at step {first + 1}", flush=True)
+        for step in range(first, cfg.steps):
             r = actor.train_step(step)
             results.append(r)
             if actor.rank == 0:
@@ -120,6 +145,9 @@ def _program(cfg: TrainConfig, tokens_per_step: int):
                                tokens_per_s=tokens_per_step / r.seconds)
                 print(f"step {step + 1:>4}/{cfg.steps}  loss {mean:8.4f}  grad-norm {r.grad_norm:7.3f}  "
                       f"{tokens_per_step / r.seconds:9.0f} tokens/s  ({r.seconds:.2f} s)", flush=True)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                where = checkpoint.save(cfg.checkpoint_dir, actor, cfg, step + 1, actor.comm)
+                actor.log.info("checkpoint", path=str(where), next_step=step + 1)
         return results
     return run
 
@@ -128,23 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
     try:
         cfg = parse_config(argv)
+        schedule, resume_from = preflight(cfg, comm.size)
     except ValueError as exc:
         if comm.rank == 0:
             print(f"launch.train: bad configuration: {exc}", file=sys.stderr)
         return 2
-    if comm.size != cfg.pipeline.pp:
-        if comm.rank == 0:
-            print(f"launch.train: --pp {cfg.pipeline.pp} needs {cfg.pipeline.pp} MPI ranks, the job has {comm.size}: "
-                  f"run with -n {cfg.pipeline.pp} (make run RANKS={cfg.pipeline.pp}) or pass --pp {comm.size}",
-                  file=sys.stderr)
-        return 2
     torch.set_num_threads(cfg.torch_threads)
-    try:
-        schedule = build(cfg.pipeline.schedule, cfg.pipeline.pp, cfg.pipeline.microbatches)
-    except ValueError as exc:
-        if comm.rank == 0:
-            print(f"launch.train: {exc}", file=sys.stderr)
-        return 2
     try:
         run_id, log_dir = _shared_run_dir(comm, cfg.log_dir, cfg.run_id)
     except OSError as exc:
@@ -175,17 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     if comm.rank == 0 and isinstance(data, SyntheticTokens):
         print(f"synthetic Markov language (seed {cfg.seed}): a uniform guess scores {data.uniform_loss:.2f}, "
               f"the true chain {data.entropy_rate():.2f} (lowest possible loss)", flush=True)
-    elif isinstance(data, TokenFile) and data.max_token() >= m.vocab_size:  # every rank sees the same file
-        if comm.rank == 0:
-            print(f"launch.train: token file {cfg.data} holds id {data.max_token()} but model.vocab_size is "
-                  f"{m.vocab_size}: raise the vocabulary (config [model] vocab_size)", file=sys.stderr)
-        return 2
     if comm.rank == 0:
         print(f"training {cfg.steps} steps: {schedule.name} on {schedule.pp} ranks ({schedule.num_stages} stages), "
               f"{schedule.microbatches} microbatches x {cfg.pipeline.micro_batch} x {m.seq_len} tokens, "
               f"precision {'/'.join(precisions) if len(set(precisions)) > 1 else precision}; logs in {log.log_path(log_dir, run_id, 0).parent}", flush=True)
     actor = StageActor(schedule=schedule, model=m, optim=cfg.optim, data=data, micro_batch=cfg.pipeline.micro_batch,
-                       seed=cfg.seed, program=_program(cfg, tokens_per_step), trace=cfg.trace)
+                       seed=cfg.seed, program=_program(cfg, tokens_per_step, resume_from), trace=cfg.trace)
     results = actor.run()
     if comm.rank == 0 and results:
         first = sum(results[0].losses) / len(results[0].losses)
@@ -194,5 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``. A non-zero code from :func:`main` is a verdict every rank reached (bad
+    configuration): finalize and leave quietly, as ``sys.exit`` under ``python -m mpi4py`` would
+    ``MPI_Abort`` and add MPI's abort banner to the one-line message."""
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        MPI.Finalize()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

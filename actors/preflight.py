@@ -1,0 +1,77 @@
+"""Every check a training run can make before any work, each failing with the field and the fix.
+
+:func:`preflight` runs on each rank straight after the configuration is parsed and before a model,
+a log folder or a message exists. The configuration tree has already checked each value on its own
+(``__post_init__``); here go the checks that need the job or the disk: ranks against the layout,
+the schedule generator's constraints, the token file (readable, integer ids inside the vocabulary,
+long enough) and the checkpoint folder (a checkpoint to resume from, of the same layout; no
+checkpoints of another run to overwrite). Every rank reaches the same verdict from the same inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from actors import checkpoint
+from actors.config import TrainConfig
+from actors.data import TokenFile
+from runtime.schedules import Schedule, build
+
+__all__ = ["preflight"]
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> tuple[Schedule, tuple[Path, dict] | None]:
+    """Check ``cfg`` against a job of ``world_size`` ranks and the files it names.
+
+    Returns the schedule and, with ``cfg.resume``, the checkpoint to resume from (folder, manifest).
+    Raises ValueError whose message names the field and the fix.
+    """
+    pp = cfg.pipeline.pp
+    if world_size != pp:
+        raise ValueError(f"--pp {pp} needs {pp} MPI ranks, the job has {world_size}: run with -n {pp} "
+                         f"(make run RANKS={pp}) or pass --pp {world_size}")
+    try:
+        schedule = build(cfg.pipeline.schedule, pp, cfg.pipeline.microbatches)
+    except ValueError as exc:
+        raise ValueError(f"pipeline: {exc}") from None
+    if cfg.data is not None:
+        _check_token_file(cfg)
+    return schedule, _check_checkpoints(cfg)
+
+
+def _check_token_file(cfg: TrainConfig) -> None:
+    try:
+        data = TokenFile(cfg.data, cfg.model.seq_len, seed=cfg.seed)
+        top = data.max_token()
+    except ValueError as exc:
+        raise ValueError(f"data: {exc}") from None
+    if data.tokens.min() < 0:
+        raise ValueError(f"data={cfg.data!r}: holds negative token id {int(data.tokens.min())}; ids must be "
+                         f"0..model.vocab_size-1")
+    if top >= cfg.model.vocab_size:
+        raise ValueError(f"data={cfg.data!r}: holds token id {top} but model.vocab_size is {cfg.model.vocab_size}: "
+                         f"raise the vocabulary (config [model] vocab_size)")
+
+
+def _check_checkpoints(cfg: TrainConfig) -> tuple[Path, dict] | None:
+    found = checkpoint.latest(cfg.checkpoint_dir)
+    if not cfg.resume:
+        if cfg.checkpoint_every and found is not None:
+            raise ValueError(f"checkpoint_dir={cfg.checkpoint_dir!r} already holds {found[0].name} of another run: "
+                             f"pass --resume to continue it, or choose another --checkpoint-dir")
+        return None
+    if found is None:
+        raise ValueError(f"resume: no complete checkpoint in checkpoint_dir={cfg.checkpoint_dir!r}; "
+                         f"drop --resume to start afresh or point --checkpoint-dir at the run's checkpoints")
+    step_dir, manifest = found
+    if manifest.get("format") != checkpoint.FORMAT:
+        raise ValueError(f"resume: {step_dir} has checkpoint format {manifest.get('format')!r}, this version "
+                         f"reads {checkpoint.FORMAT}: resume with the version that wrote it")
+    diff = checkpoint.layout_diff(manifest["layout"], checkpoint.layout_of(cfg))
+    if diff:
+        raise ValueError(f"resume: {step_dir} was written for another layout ({'; '.join(diff)}): run with "
+                         f"the checkpoint's settings or start afresh in another --checkpoint-dir")
+    if manifest["next_step"] >= cfg.steps:
+        raise ValueError(f"resume: {step_dir} is already at step {manifest['next_step']} of steps={cfg.steps}: "
+                         f"raise --steps to train further")
+    return found

@@ -6,11 +6,12 @@ PY     := $(VENV)/bin/python
 RANKS  ?= 4
 ARGS   ?=
 
-.PHONY: help setup run demo test test-fast bench bench-transport bench-kernels bench-pipeline schedule clean
+.PHONY: help setup run demo test test-fast bench bench-transport bench-kernels bench-pipeline schedule analyze clean
 
 help:
 	@echo "make setup   - create $(VENV) with torch 2.13.0 (CPU build here), mpi4py + mpich wheel, the rest"
 	@echo "make run     - train the default small MoE with DualPipe on $(RANKS) local ranks (ARGS='--steps 50 ...')"
+	@echo "make analyze - figures, Perfetto trace and timeline PNG of the newest run in logs/ (ARGS='--steps 3:10')"
 	@echo "make demo    - actors pass tensors around a ring on $(RANKS) ranks (runtime smoke test)"
 	@echo "make test    - run the test suite (pytest; multi-rank tests launch real mpiexec)"
 	@echo "make bench   - transport, kernel and pipeline benchmarks (tables + JSON in bench/results/)"
@@ -29,6 +30,9 @@ setup: $(PY)
 
 run: setup
 	$(PY) -m launch.local -n $(RANKS) launch.train $(ARGS)
+
+analyze: setup
+	$(PY) -m launch.analyze logs --trace --png $(ARGS)
 
 demo: setup
 	$(PY) -m launch.local -n $(RANKS) launch.ring $(ARGS)

@@ -8,7 +8,7 @@ ZB1P, measured side by side on the same model, ranks and microbatches.
 Runs ``launch.train`` (``python -m launch.local -n PP launch.train ...``, torch threads 1, one rank
 per core) once per schedule and repeat, interleaved (A B C D A B C D ...) because the machine is
 noisy, one multi-rank job at a time. The first ``--warmup`` steps of every run are discarded. Then,
-from the per-rank JSON logs of each run (:mod:`bench.analysis` has the exact definitions):
+from the per-rank JSON logs of each run (:mod:`runtime.analysis` has the exact definitions):
 
 * step time: median over the measured steps (all repeats) of the wall time of one optimizer step
   (earliest step start to latest step end over the ranks); the ratio to the baseline (1F1B) both
@@ -47,7 +47,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from bench.analysis import read_run, split_steps, summarize
+from runtime.analysis import read_run, split_steps, summarize
 from launch.local import LaunchTimeout, run_local
 from runtime.schedules import SCHEDULE_NAMES, build
 

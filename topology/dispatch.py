@@ -80,8 +80,9 @@ class DispatchPlan:
         """Exact bytes per link class and direction: ``inter``/``intra`` x ``dispatch``/``combine``."""
         inter = int(self.hop1.sum())
         intra = int(self.hop2.sum() - np.trace(self.hop2))
-        return {"dispatch_inter": inter * self.dispatch_token_bytes, "dispatch_intra": intra * self.dispatch_token_bytes,
-                "combine_inter": inter * self.combine_token_bytes, "combine_intra": intra * self.combine_token_bytes}
+        d, c = self.dispatch_token_bytes, self.combine_token_bytes
+        return {"dispatch_inter": inter * d, "dispatch_intra": intra * d,
+                "combine_inter": inter * c, "combine_intra": intra * c}
 
 
 def plan_dispatch(phys: Sequence[torch.Tensor | np.ndarray], group: EPGroup, *, slots_per_rank: int,

@@ -35,7 +35,7 @@ from mpi4py import MPI
 from actors.data import TokenSource
 from actors.model import ModelConfig, Stage, build_stage, loss_fn
 from actors.optim import AdamW, OptimConfig, grad_sq_sum
-from kernels import capture_weight_grads
+from kernels import WeightGradDeferral
 from runtime import log, spans
 from runtime.actor import Actor
 from runtime.schedules import FB, Compute, Recv, Schedule, Send
@@ -87,6 +87,8 @@ class StageActor(Actor):
         for mod in self.chunks.values():
             self._install_progress_hooks(mod)
         self.params = [p for c in sorted(self.chunks) for p in self.chunks[c].parameters()]
+        # Split B/W: the chunks' weight GEMMs are deferred while this captures (any autograd thread).
+        self._wgrad_deferral = WeightGradDeferral(self.params)
         # One flat gradient buffer per chunk, every param.grad a view into it: zeroing, the mirror
         # exchange and the mirror sum are one op each, with no copy. Zeros, not None: every
         # parameter takes part in every AdamW step (here and in the reference alike).
@@ -101,12 +103,28 @@ class StageActor(Actor):
             self._grad_bufs[c] = buf
         self.optimizer = AdamW(self.params, optim)
         self.act_shape = (micro_batch, model.seq_len, model.hidden)
+        # Activations and gradients travel on schedule-known channels (no per-message header);
+        # each receive channel has as many ring buffers as the schedule ever holds at once.
+        self._send_chs = {(a.peer, a.tag): self.transport.send_channel(
+            a.peer, a.tag, shape=self.act_shape, dtype=torch.float32, kind=a.kind, dir=a.dir)
+            for a in self.actions if isinstance(a, Send)}
+        kinds = {(a.peer, a.tag): (a.kind, a.dir) for a in self.actions if isinstance(a, Recv)}
+        self._recv_chs = {key: self.transport.recv_channel(
+            key[0], key[1], shape=self.act_shape, dtype=torch.float32, kind=kinds[key][0], dir=kinds[key][1],
+            ring=ring) for key, ring in self._plan_rings(self.actions).items()}
         self.trace = trace
         # DualPipe keeps two copies of every stage: chunk 0 of rank r and chunk 1 of rank pp-1-r.
         self.mirror = schedule.pp - 1 - self.rank if schedule.name == "dualpipe" else None
         # Where each chunk's gradients become final: its exchange with the mirror starts there and
         # travels during the rest of the step instead of after it.
         self._grads_final_after = self._plan_grads_final(self.actions) if self.mirror is not None else {}
+        # chunk c -> (send channel of my chunk c's gradients, receive channel of the mirror's chunk c)
+        self._mirror_chs = {c: (
+            self.transport.send_channel(self.mirror, _CH_MIRROR + c, shape=tuple(self._grad_bufs[c].shape),
+                                        dtype=torch.float32, kind="grad"),
+            self.transport.recv_channel(self.mirror, _CH_MIRROR + c, shape=tuple(self._grad_bufs[1 - c].shape),
+                                        dtype=torch.float32, kind="grad", ring=1))
+            for c in (0, 1)} if self.mirror is not None else {}
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -125,6 +143,30 @@ class StageActor(Actor):
                 if isinstance(b, Send) and b.kind == "act" and (b.dir, b.mb, b.chunk) == (a.f.dir, a.f.mb, a.f.chunk):
                     plan.setdefault(i, []).append(j)
         return plan
+
+    @staticmethod
+    def _plan_rings(actions) -> dict[tuple[int, int], int]:
+        """(peer, tag) of every receive channel -> the most receive buffers it holds at once.
+
+        A received activation is the input leaf of its F and a received gradient feeds its B; the
+        backward (and a deferred W, whose closures may keep either) reads their storage, so both
+        stay held from their Recv until the last B/W of the same (dir, mb, chunk). A pure function
+        of the action list, computed once (forward-only steps hold less: they release after F).
+        """
+        held: dict[tuple[int, int], int] = {}
+        peak: dict[tuple[int, int], int] = {}
+        by_key: dict[tuple, list[tuple[int, int]]] = {}
+        for a in actions:
+            if isinstance(a, Recv):
+                ch = (a.peer, a.tag)
+                held[ch] = held.get(ch, 0) + 1
+                peak[ch] = max(peak.get(ch, 0), held[ch])
+                by_key.setdefault((a.dir, a.mb, a.chunk), []).append(ch)
+            for c in ((a.b,) if isinstance(a, FB) else (a,) if isinstance(a, Compute) else ()):
+                if c.op == "W" or (c.op == "B" and not c.split):
+                    for ch in by_key.pop((c.dir, c.mb, c.chunk), ()):
+                        held[ch] -= 1
+        return peak
 
     @staticmethod
     def _plan_grads_final(actions) -> dict[int, list[int]]:
@@ -160,8 +202,9 @@ class StageActor(Actor):
         clipping and AdamW: tests compare them with the reference there.
         """
         t_start = time.monotonic_ns()
-        self._step = step
-        self._recvs: dict[tuple, object] = {}
+        self._step = self.progress_step = step
+        self._recvs: dict[tuple, tuple] = {}
+        self._held: dict[tuple, list] = {}
         self._inputs: dict[tuple, torch.Tensor] = {}
         self._graph: dict[tuple, tuple] = {}
         self._acts: dict[tuple, torch.Tensor] = {}
@@ -181,9 +224,11 @@ class StageActor(Actor):
             mod.train()
             mod.reset_expert_load()
         self._run_actions(forward_only=False)
-        leftovers = [k for d in (self._recvs, self._inputs, self._graph, self._wgrads) for k in d]
+        leftovers = [k for d in (self._recvs, self._inputs, self._graph, self._wgrads, self._held) for k in d]
         assert not leftovers, f"rank {self.rank}: schedule left work undone: {leftovers[:8]}"
         t_tail = time.monotonic_ns()
+        self.progress_action = "step end: mirror sum, grad norm, optimizer, losses"
+        self.progress_count += 1
         self._sync_mirror_grads()
         if inspect is not None:
             inspect(self)
@@ -206,6 +251,8 @@ class StageActor(Actor):
             # ru_maxrss is in KiB on Linux: the rank's peak resident memory so far
             log.record_span(spans.STEP, t_start, t_end, step=step,
                             peak_mem_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        self.progress_action = "step done"
+        self.last_step_s, self.last_compute_s = (t_end - t_start) / 1e9, self._compute_ns / 1e9
         return StepResult(step=step, losses=losses, grad_norm=norm, seconds=(t_end - t_start) / 1e9,
                           compute_seconds=self._compute_ns / 1e9)
 
@@ -214,13 +261,13 @@ class StageActor(Actor):
         """Inference: the schedule's forwards only. Returns logits per global microbatch on the
         rank(s) holding the last stage (empty elsewhere)."""
         self._step = step
-        self._recvs, self._acts, self._logits = {}, {}, {}
+        self._recvs, self._acts, self._logits, self._held = {}, {}, {}, {}
         self._inputs, self._graph = {}, {}
         self._compute_ns = 0
         for mod in self.chunks.values():
             mod.eval()
         self._run_actions(forward_only=True)
-        assert not self._recvs, f"rank {self.rank}: receives left open: {list(self._recvs)[:8]}"
+        assert not self._recvs and not self._held, f"rank {self.rank}: receives left open: {list(self._recvs)[:8]}"
         self.transport.flush()
         return self._logits
 
@@ -230,6 +277,8 @@ class StageActor(Actor):
         for i, a in enumerate(self.actions):
             if i in done_early:
                 continue
+            self.progress_action = a
+            self.progress_count += 1
             if isinstance(a, FB):
                 self._forward(a.f, forward_only)
                 for j in self._early_sends.get(i, ()):
@@ -252,15 +301,13 @@ class StageActor(Actor):
         elif isinstance(a, Recv):
             if forward_only and a.kind == "grad":
                 return
-            self._recvs[(a.kind, a.dir, a.mb, a.chunk)] = self.transport.irecv(
-                a.peer, channel=a.tag, shape=self.act_shape, dtype=torch.float32,
-                expect={"kind": a.kind, "dir": a.dir, "mb": a.mb})
+            ch = self._recv_chs[(a.peer, a.tag)]
+            self._recvs[(a.kind, a.dir, a.mb, a.chunk)] = (ch, ch.post(mb=a.mb))
         elif isinstance(a, Send):
             if forward_only and a.kind == "grad":
                 return
             src = self._acts if a.kind == "act" else self._grads
-            self.transport.isend(a.peer, src.pop((a.dir, a.mb, a.chunk)), channel=a.tag, kind=a.kind,
-                                 mb=a.mb, chunk=a.chunk, dir=a.dir)
+            self._send_chs[(a.peer, a.tag)].send(src.pop((a.dir, a.mb, a.chunk)), mb=a.mb, chunk=a.chunk)
             self.transport.progress()  # start the transfer now, not at the next layer hook
         else:
             raise TypeError(f"rank {self.rank}: unknown action {a!r}")
@@ -273,10 +320,13 @@ class StageActor(Actor):
     def _take(self, kind: str, a: Compute, neighbour_stage: int) -> torch.Tensor:
         """Input (``act``) or output gradient (``grad``) of action ``a``: a posted receive, or the
         local hand-off from this rank's chunk that runs ``neighbour_stage``."""
-        handle = self._recvs.pop((kind, a.dir, a.mb, a.chunk), None)
-        if handle is not None:
+        posted = self._recvs.pop((kind, a.dir, a.mb, a.chunk), None)
+        if posted is not None:
+            ch, op = posted
             t0 = time.monotonic_ns()
-            out = self.transport.wait(handle)
+            out = ch.wait(op)
+            # a view of a ring buffer: held until this microbatch's last B / W (or its F, forward-only)
+            self._held.setdefault((a.dir, a.mb, a.chunk), []).append(posted)
             if self.trace:
                 log.record_span(spans.WAIT, t0, time.monotonic_ns(), kind=kind, dir=a.dir, mb=a.mb, chunk=a.chunk)
             return out
@@ -324,6 +374,8 @@ class StageActor(Actor):
                     roots = (y, aux)
                     grads.append(torch.tensor(1.0 / self.schedule.microbatches))
                 self._graph[key] = (roots, grads)
+        if forward_only:
+            self._release(key)
         self._compute_done("F", a, t0)
 
     def _backward(self, a: Compute) -> None:
@@ -334,7 +386,7 @@ class StageActor(Actor):
             grads = [self._take("grad", a, stage + 1), *grads[1:]]
         t0 = time.monotonic_ns()
         if a.split:
-            with capture_weight_grads() as pending:
+            with self._wgrad_deferral.capture() as pending:
                 torch.autograd.backward(roots, grads)
             self._wgrads[key] = pending
         else:
@@ -344,6 +396,8 @@ class StageActor(Actor):
         # Free the graph inside the span: tearing down a microbatch's autograd graph is part of
         # B's cost (about a millisecond here), not idle time between actions.
         del roots, grads
+        if not a.split:
+            self._release(key)
         self._compute_done("B", a, t0)
 
     def _weight_grad(self, a: Compute) -> None:
@@ -353,11 +407,18 @@ class StageActor(Actor):
             fn()
             self.transport.progress()  # W has no layer hooks: move posted transfers between its GEMMs
         pending.clear()  # release the saved activations inside the span (part of W's cost)
+        self._release((a.dir, a.mb, a.chunk))
         self._compute_done("W", a, t0)
+
+    def _release(self, key: tuple) -> None:
+        """Give the receive buffers microbatch ``key`` read back to their rings: nothing reads them now."""
+        for ch, op in self._held.pop(key, ()):
+            ch.release(op)
 
     def _compute_done(self, op: str, a: Compute, t0: int) -> None:
         t1 = time.monotonic_ns()
         self._compute_ns += t1 - t0
+        self.flight.record("compute", t1, op=op, mb=a.mb, chunk=a.chunk, dur_us=(t1 - t0) // 1000)
         if self.trace:
             log.record_span(spans.COMPUTE, t0, t1, op=op, dir=a.dir, mb=a.mb, chunk=a.chunk,
                             stage=self.stage_ids[a.chunk], step=self._step)
@@ -366,14 +427,11 @@ class StageActor(Actor):
     def _post_mirror_grads(self, chunk: int) -> None:
         """DualPipe: send chunk ``chunk``'s final gradients to the mirror and post the receive of
         the mirror's chunk ``chunk`` (the same stage as my chunk ``1 - chunk``)."""
-        tp = self.transport
-        self._mirror_recvs[chunk] = tp.irecv(self.mirror, channel=_CH_MIRROR + chunk,
-                                             shape=tuple(self._grad_bufs[1 - chunk].shape), dtype=torch.float32,
-                                             expect={"chunk": chunk})
+        send_ch, recv_ch = self._mirror_chs[chunk]
+        self._mirror_recvs[chunk] = recv_ch.post(mb=self._step)
         # sent in place: the buffer is not touched again until this send is done (_sync_mirror_grads)
-        self._mirror_sends[chunk] = tp.isend(self.mirror, self._grad_bufs[chunk], channel=_CH_MIRROR + chunk,
-                                             kind="ctrl", chunk=chunk)
-        tp.progress()
+        self._mirror_sends[chunk] = send_ch.send(self._grad_bufs[chunk], mb=self._step, chunk=chunk)
+        self.transport.progress()
 
     def _sync_mirror_grads(self) -> None:
         """DualPipe: add the mirrored copy's gradients (both copies end bit-identical: a+b == b+a)."""
@@ -383,9 +441,11 @@ class StageActor(Actor):
             raise AssertionError("dualpipe needs an even pp, so no rank is its own mirror")
         assert sorted(self._mirror_recvs) == [0, 1], f"rank {self.rank}: mirror exchange not posted for both chunks"
         for c in (0, 1):
-            theirs = self.transport.wait(self._mirror_recvs.pop(c))  # the mirror's chunk c == my chunk 1 - c
-            self.transport.wait(self._mirror_sends.pop(1 - c))  # my chunk 1 - c has left: safe to add into it
+            op = self._mirror_recvs.pop(c)
+            theirs = self._mirror_chs[c][1].wait(op)  # the mirror's chunk c == my chunk 1 - c
+            self._mirror_chs[1 - c][0].wait(self._mirror_sends.pop(1 - c))  # my chunk 1 - c has left: safe to add into it
             self._grad_bufs[1 - c].add_(theirs)
+            self._mirror_chs[c][1].release(op)
 
     def _step_expert_loads(self) -> dict[int, torch.Tensor]:
         """Each chunk's expert load for the step, summed over the mirrored copy under DualPipe."""
@@ -433,5 +493,10 @@ class StageActor(Actor):
         return table[order.argsort(), 1].tolist()
 
     # ------------------------------------------------------------------ actor loop
+    def role_info(self) -> dict:
+        """Role, the pipeline stages this rank runs (by chunk) and the schedule, for reports."""
+        return {"role": self.role, "stages": [self.stage_ids[c] for c in sorted(self.stage_ids)],
+                "schedule": self.schedule.name, "num_stages": self.schedule.num_stages}
+
     def main(self):
         return self.program(self)

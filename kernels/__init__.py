@@ -4,8 +4,8 @@ Imports torch (and, on NVIDIA GPUs, triton on first use); knows nothing of MPI o
 configures no logging: callers log :func:`describe_backend` once at start-up.
 
 - :func:`linear`, :func:`grouped_linear`: autograd layers on the ``"fp32"``, ``"bf16"`` or
-  ``"fp8"`` backend (:data:`BACKENDS`), weight gradients deferrable with
-  :func:`capture_weight_grads`.
+  ``"fp8"`` backend (:data:`BACKENDS`), weight gradients deferrable with a
+  :class:`WeightGradDeferral` (works whichever thread autograd runs the backward on).
 - :func:`backend_for`, :func:`describe_backend`: per-device backend choice and its description.
 - :mod:`kernels.triton_ops` (Triton kernels) and :mod:`kernels.reference` (pure torch): FP8
   quantization, dequantization and GEMMs, BF16 GEMMs.
@@ -13,6 +13,6 @@ configures no logging: callers log :func:`describe_backend` once at start-up.
 
 from kernels.backend import BACKENDS, backend_for, describe_backend
 from kernels.linear import grouped_linear, linear
-from kernels.wgrad import capture_weight_grads
+from kernels.wgrad import WeightGradDeferral
 
-__all__ = ["BACKENDS", "linear", "grouped_linear", "backend_for", "describe_backend", "capture_weight_grads"]
+__all__ = ["BACKENDS", "linear", "grouped_linear", "backend_for", "describe_backend", "WeightGradDeferral"]

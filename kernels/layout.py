@@ -8,6 +8,10 @@ Layouts (all row-major, ``Kb = ceil(K / 128)``):
   1x128 quantization of ``xᵀ``, i.e. one scale per channel and 128 tokens, written transposed so
   the token axis (the weight-grad reduction axis) is the contiguous one.
 - 128x128 weights: ``w[N, K]`` -> ``q[N, K]`` and ``s[Nb, Kb]``.
+- Grouped 128x1 (MoE weight-grad operand): ``x[T, K]`` with experts' rows at ``offsets`` ->
+  ``q_t[K, Tp]``, ``s_t[K, Tp/128]`` where expert e's tokens start at column ``tile_offsets[e]``,
+  a multiple of 128, and the columns up to the next expert are zero: no 128-token tile
+  straddles two experts, so one K-grouped GEMM computes every expert's weight gradient.
 
 ``x ≈ q * s`` with ``s = max(amax, AMAX_FLOOR) / FP8_MAX`` per tile, computed online from the tile.
 """
@@ -26,7 +30,9 @@ __all__ = [
     "cdiv",
     "b_scale_rows",
     "check_gemm",
+    "check_grouped_wgrad",
     "expert_offsets",
+    "tile_offsets",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -99,6 +105,26 @@ def check_gemm(
     b_scale_rows(b_scale, b.shape[-2])
 
 
+def check_grouped_wgrad(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    k_offsets: Sequence[int],
+    out_dtype: torch.dtype,
+) -> None:
+    """Validate the K-grouped weight-gradient GEMM's operands (``a[M, Tp]``, ``b[N, Tp]``, 1x128 scales)."""
+    check_gemm(a, a_scale, b, b_scale, out_dtype, grouped=False)
+    if b_scale.shape[0] != b.shape[0]:
+        raise ValueError(f"b_scale must be [N, Tp/128] = {(b.shape[0], a_scale.shape[1])} (1x128 tiles along tokens), "
+                         f"got {tuple(b_scale.shape)}")
+    offs = list(k_offsets)
+    if (len(offs) < 2 or offs[0] != 0 or offs[-1] != a.shape[1]
+            or any(o % BLOCK for o in offs) or any(y < x for x, y in zip(offs, offs[1:]))):
+        raise ValueError(f"k_offsets must rise from 0 to {a.shape[1]} in multiples of {BLOCK} "
+                         f"(kernels.layout.tile_offsets), got {offs}")
+
+
 def expert_offsets(counts_or_offsets: torch.Tensor | Sequence[int], experts: int, tokens: int) -> list[int]:
     """Per-expert row offsets ``[0, ..., tokens]`` (length ``experts + 1``) as host ints.
 
@@ -125,3 +151,12 @@ def expert_offsets(counts_or_offsets: torch.Tensor | Sequence[int], experts: int
     if offsets[-1] != tokens:
         raise ValueError(f"experts' tokens add up to {offsets[-1]} but x has {tokens} rows; they must match")
     return offsets
+
+
+def tile_offsets(offsets: Sequence[int]) -> list[int]:
+    """Expert e's first column in the grouped 128x1 layout: ``offsets`` with every expert's token
+    count rounded up to whole 128-token tiles (``[0, 100, 100, 400]`` -> ``[0, 128, 128, 384]``)."""
+    out = [0]
+    for lo, hi in zip(offsets, offsets[1:]):
+        out.append(out[-1] + cdiv(hi - lo, BLOCK) * BLOCK)
+    return out

@@ -17,8 +17,9 @@ Backends (see :mod:`kernels.backend` for which device gets which):
 Master weights stay in their own dtype (float32): every backend returns weight gradients in the
 weight's dtype. Outputs and input gradients come back in x's dtype.
 
-The weight gradient is deferred (see :mod:`kernels.wgrad`) when a capture block is active, on
-every backend; the closure runs the same kernels on the same tensors, so deferred and immediate
+The weight gradient is deferred (see :mod:`kernels.wgrad`) while the weight's
+:class:`~kernels.wgrad.WeightGradDeferral` captures, on every backend and whichever thread runs
+the backward; the closure runs the same kernels on the same tensors, so deferred and immediate
 gradients are bit-identical. The bias gradient is not deferred (a cheap reduction, no GEMM).
 """
 
@@ -31,8 +32,9 @@ import torch
 
 from kernels import reference
 from kernels.backend import BACKENDS, fp8_impl
-from kernels.layout import BLOCK, expert_offsets
-from kernels.wgrad import accumulate_grad, defer, deferring
+from kernels.fp8_weights import fp8_weight
+from kernels.layout import expert_offsets
+from kernels.wgrad import accumulate_grad, deferred, pending_weight_grads
 
 __all__ = ["linear", "grouped_linear", "BACKENDS"]
 
@@ -53,10 +55,7 @@ class _LinearFP32(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
             g2 = grad_y.reshape(-1, grad_y.shape[-1])
-            if deferring():
-                defer(lambda: accumulate_grad(weight, torch.matmul(g2.t(), x2)))
-            else:
-                grad_w = torch.matmul(g2.t(), x2)
+            grad_w = _weight_grad(weight, lambda: torch.matmul(g2.t(), x2))
         grad_b = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
@@ -64,9 +63,10 @@ class _LinearFP32(torch.autograd.Function):
 
 
 def _weight_grad(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    """Run ``compute`` now and return its result, or defer it into the active capture block."""
-    if deferring():
-        defer(lambda: accumulate_grad(weight, compute()))
+    """Run ``compute`` now and return its result, or defer it into the weight's open capture."""
+    pending = pending_weight_grads(weight)
+    if pending is not None:
+        pending.append(deferred(lambda: accumulate_grad(weight, compute())))
         return None
     return compute().to(weight.dtype)
 
@@ -95,11 +95,6 @@ def _bias_grad(ctx, g2: torch.Tensor) -> torch.Tensor | None:
     return g2.float().sum(0).to(ctx.bias_dtype)
 
 
-def _fp8_wgrad(ops: ModuleType, g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """``dW[N, K] = g2[M, N]ᵀ · x2[M, K]`` with both operands quantized 128x1 (tokens are the K axis)."""
-    gq, gs = ops.quant_act_128x1(g2)
-    xq, xs = ops.quant_act_128x1(x2)
-    return ops.fp8_gemm(gq, gs, xq, xs, torch.float32)
 
 
 class _LinearBF16(torch.autograd.Function):
@@ -131,30 +126,36 @@ class _LinearFP8(torch.autograd.Function):
         ops = _fp8_ops(x.device)
         x2 = x.reshape(-1, x.shape[-1])
         xq, xs = ops.quant_act_1x128(x2)
-        wq, ws = ops.quant_weight_128x128(weight)
-        y = ops.fp8_gemm(xq, xs, wq, ws, _gemm_dtype(x.dtype)).to(x.dtype)
+        w8 = fp8_weight(ops, weight)
+        y = ops.fp8_gemm(xq, xs, w8.q, w8.s, _gemm_dtype(x.dtype)).to(x.dtype)
         y = y.reshape(*x.shape[:-1], weight.shape[0])
-        # The quantized weight is kept for the input gradient (1 byte per parameter).
-        ctx.save_for_backward(x, weight, wq, ws)
-        ctx.ops = ops
+        ctx.ops, ctx.w8, ctx.x_shape, ctx.x_dtype = ops, w8, x.shape, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        if ctx.needs_input_grad[1]:
+            # The weight gradient reduces over tokens, so it needs x in 128x1 tiles; made now
+            # (x itself is not kept), as V3 caches FP8 activations for the backward.
+            ctx.save_for_backward(weight, *ops.quant_act_128x1(x2))
+        else:
+            ctx.save_for_backward(weight)
         return y + bias.to(y.dtype) if bias is not None else y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, weight, wq, ws = ctx.saved_tensors
+        weight, *x_t = ctx.saved_tensors
         ops = ctx.ops
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
             gq, gs = ops.quant_act_1x128(g2)
             # dx = g · W: the right operand is Wᵀ[K, N], whose 128x128 blocks are W's transposed.
-            dx = ops.fp8_gemm(gq, gs, wq.t().contiguous(), ws.t().contiguous(), _gemm_dtype(x.dtype))
-            grad_x = dx.to(x.dtype).reshape(x.shape)
+            wq_t, ws_t = ctx.w8.transposed()
+            grad_x = ops.fp8_gemm(gq, gs, wq_t, ws_t, _gemm_dtype(ctx.x_dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])
-            grad_w = _weight_grad(weight, lambda: _fp8_wgrad(ops, g2, x2))
+            # grad_output's 128x1 tiles are made in B, so a deferred W holds only FP8 copies.
+            gq_t, gs_t = ops.quant_act_128x1(g2)
+            xq_t, xs_t = x_t
+            grad_w = _weight_grad(weight, lambda: ops.fp8_gemm(gq_t, gs_t, xq_t, xs_t, torch.float32))
         grad_b = _bias_grad(ctx, g2)
         return grad_x, grad_w, grad_b
 
@@ -193,17 +194,6 @@ def _bf16_grouped_triton(device: torch.device) -> bool:
     return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def _quant_expert_weights(ops: ModuleType, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight[E, N, K]`` -> ``(q[E, N, K], s[E, ceil(N/128), ceil(K/128)])``, 128x128 blocks per expert."""
-    e, n, k = weight.shape
-    if n % BLOCK == 0:
-        # Experts stacked along N: with N a multiple of 128 no block straddles two experts.
-        q, s = ops.quant_weight_128x128(weight.reshape(e * n, k))
-        return q.reshape(e, n, k), s.reshape(e, n // BLOCK, -1)
-    pairs = [ops.quant_weight_128x128(weight[i]) for i in range(e)]
-    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
-
-
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: tuple[int, ...], backend: str):
@@ -213,10 +203,16 @@ class _GroupedLinear(torch.autograd.Function):
         if backend == "fp8":
             ops = _fp8_ops(x.device)
             xq, xs = ops.quant_act_1x128(x)
-            wq, ws = _quant_expert_weights(ops, weight)
-            y = ops.fp8_grouped_gemm(xq, xs, wq, ws, offsets, _gemm_dtype(x.dtype)).to(x.dtype)
-            ctx.ops = ops
-            ctx.save_for_backward(x, weight, wq, ws)
+            w8 = fp8_weight(ops, weight)
+            y = ops.fp8_grouped_gemm(xq, xs, w8.q, w8.s, offsets, _gemm_dtype(x.dtype)).to(x.dtype)
+            ctx.ops, ctx.w8 = ops, w8
+            if ctx.needs_input_grad[1]:
+                # Per expert 128x1 tiles, each expert's tokens padded to whole tiles (no tile
+                # straddles two experts): the K-grouped weight-gradient GEMM reads them in one launch.
+                xq_t, xs_t, ctx.k_offsets = ops.quant_act_128x1_grouped(x, offsets)
+                ctx.save_for_backward(weight, xq_t, xs_t)
+            else:
+                ctx.save_for_backward(weight)
             return y
         if backend == "bf16":
             xb = x.to(torch.bfloat16)
@@ -242,22 +238,21 @@ class _GroupedLinear(torch.autograd.Function):
         segs = _segments(offsets)
         grad_x = grad_w = None
         if backend == "fp8":
-            x, weight, wq, ws = ctx.saved_tensors
+            weight, *x_t = ctx.saved_tensors
             ops = ctx.ops
             if ctx.needs_input_grad[0]:
                 gq, gs = ops.quant_act_1x128(grad_y)
-                wq_t, ws_t = wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous()
+                wq_t, ws_t = ctx.w8.transposed()
                 dx = ops.fp8_grouped_gemm(gq, gs, wq_t, ws_t, offsets, _gemm_dtype(ctx.x_dtype))
                 grad_x = dx.to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                gq_t, gs_t, _ = ops.quant_act_128x1_grouped(grad_y, offsets)
+                xq_t, xs_t = x_t
+                k_offsets = ctx.k_offsets
 
-            def wgrad() -> torch.Tensor:
-                # One weight-grad GEMM per expert: its tokens are the reduction axis, so the 128x1
-                # tiles must not straddle experts.
-                dw = torch.zeros_like(weight, dtype=torch.float32)
-                for i, lo, hi in segs:
-                    if hi > lo:
-                        dw[i] = _fp8_wgrad(ops, grad_y[lo:hi], x[lo:hi])
-                return dw
+                def wgrad() -> torch.Tensor:
+                    # All experts' dW[e] = g_eᵀ x_e in one launch, grouped along the token (K) axis.
+                    return ops.fp8_grouped_wgrad(gq_t, gs_t, xq_t, xs_t, k_offsets, torch.float32)
 
         else:
             x, weight = ctx.saved_tensors

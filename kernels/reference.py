@@ -22,17 +22,21 @@ from kernels.layout import (
     b_scale_rows,
     cdiv,
     check_gemm,
+    check_grouped_wgrad,
     expert_offsets,
+    tile_offsets,
 )
 
 __all__ = [
     "quant_act_1x128",
     "quant_act_128x1",
+    "quant_act_128x1_grouped",
     "quant_weight_128x128",
     "dequant_act_1x128",
     "dequant_weight_128x128",
     "fp8_gemm",
     "fp8_grouped_gemm",
+    "fp8_grouped_wgrad",
     "bf16_gemm",
     "bf16_grouped_gemm",
 ]
@@ -70,6 +74,28 @@ def quant_act_128x1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quant_act_1x128(x.t())
 
 
+def quant_act_128x1_grouped(
+    x: torch.Tensor, offsets: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``x[T, K]`` with experts' rows at ``offsets`` -> ``(q_t[K, Tp], s_t[K, Tp/128], tile_offsets)``:
+    :func:`quant_act_128x1` of each expert's rows, each padded with zero columns to whole tiles."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [tokens, channels], got shape {tuple(x.shape)}")
+    t, k = x.shape
+    offsets = list(offsets)
+    if offsets[0] != 0 or offsets[-1] != t:
+        raise ValueError(f"offsets must run from 0 to the {t} rows of x, got {offsets}")
+    tiles = tile_offsets(offsets)
+    q = torch.zeros(k, tiles[-1], dtype=FP8_DTYPE, device=x.device)
+    s = torch.zeros(k, tiles[-1] // BLOCK, dtype=torch.float32, device=x.device)
+    for lo, hi, col in zip(offsets, offsets[1:], tiles):
+        if hi > lo:
+            qe, se = quant_act_128x1(x[lo:hi])
+            q[:, col : col + hi - lo] = qe
+            s[:, col // BLOCK : col // BLOCK + se.shape[1]] = se
+    return q, s, tiles
+
+
 def quant_weight_128x128(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w[N, K]`` -> ``(q[N, K] e4m3, s[ceil(N/128), ceil(K/128)] float32)``, one scale per 128x128 block."""
     if w.dim() != 2:
@@ -102,7 +128,10 @@ def dequant_weight_128x128(
 def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
     n, k = b.shape
     b_scale = b_s.repeat_interleave(b_scale_rows(b_s, n), dim=0)[:n]  # [N, Kb]
-    af, bf = a.float(), b.float()
+    # Every K block is a whole 128 wide (zero padded): the same block product then gives the same
+    # bits whether its tail is cut at K or padded (the grouped weight-grad layout pads).
+    pad = cdiv(k, BLOCK) * BLOCK - k
+    af, bf = F.pad(a.float(), (0, pad)), F.pad(b.float(), (0, pad))
     out = torch.zeros(a.shape[0], n, dtype=torch.float32, device=a.device)
     for kb in range(cdiv(k, BLOCK)):
         ks = slice(kb * BLOCK, (kb + 1) * BLOCK)
@@ -144,6 +173,29 @@ def fp8_grouped_gemm(
     out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
     for e, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
         out[lo:hi] = _fp8_gemm(a[lo:hi], a_scale[lo:hi], b[e], b_scale[e]).to(out_dtype)
+    return out
+
+
+def fp8_grouped_wgrad(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    k_offsets: Sequence[int],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """K-grouped ``out[e] = a[:, ks_e] · b[:, ks_e]ᵀ -> [E, M, N]`` with ``ks_e = k_offsets[e]:k_offsets[e+1]``.
+
+    The MoE weight gradient ``dW[e] = g_eᵀ x_e``: ``a[M, Tp]`` and ``b[N, Tp]`` are 128x1 copies in
+    the grouped layout (:func:`quant_act_128x1_grouped`), scales ``[M, Tp/128]`` and
+    ``[N, Tp/128]``; ``k_offsets`` (E+1 host ints) are multiples of 128.
+    """
+    check_grouped_wgrad(a, a_scale, b, b_scale, k_offsets, out_dtype)
+    out = torch.zeros(len(k_offsets) - 1, a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+    for e, (lo, hi) in enumerate(zip(k_offsets, k_offsets[1:])):
+        if hi > lo:
+            sl = slice(lo // BLOCK, hi // BLOCK)
+            out[e] = _fp8_gemm(a[:, lo:hi], a_scale[:, sl], b[:, lo:hi], b_scale[:, sl]).to(out_dtype)
     return out
 
 

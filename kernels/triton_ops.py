@@ -12,11 +12,21 @@ kernels give torch's bit patterns in the interpreter and on a GPU alike, from on
 Divisions use ``div_rn`` (IEEE) because Triton's ``/`` is an approximate division on NVIDIA GPUs
 and the bit patterns must equal torch's ``x / scale``.
 
+NaN and Inf. The quantizers give torch's (the reference's) results: a NaN in a tile makes its
+scale and all its values NaN, an Inf makes the scale Inf, the Inf a NaN and the rest zeros.
+Triton's ``tl.max``/``tl.maximum``/``tl.clamp`` drop NaNs by default (the hardware min/max
+return the other operand), which would hide a NaN behind a finite scale; the kernels reduce with
+``propagate_nan=ALL`` instead.
+
 GEMMs. FP8: each 128-wide K block is one ``tl.dot`` into a fresh float32 partial, scaled by the
 block's activation and weight scales and added to a float32 accumulator: the per-128 promotion
 of DeepSeek-V3 (the FP8 tensor-core accumulator is not trusted across K blocks). BF16: plain
 ``tl.dot`` accumulation in float32. The grouped variant runs all experts in one launch from a
-host-built tile map (expert, first row, end row) over the contiguous layout.
+host-built tile map (expert, first row, end row) over the contiguous layout. The MoE weight
+gradient is grouped along K instead (each expert's tokens are the reduction axis): one launch,
+a grid axis per expert, each program reducing over its expert's 128-token tiles only.
+Autotuning: the dense GEMM is tuned per (M, K) bucketed to powers of two (token counts vary per
+microbatch; an exact key would re-tune on every new count), the grouped ones use fixed configs.
 
 The interpreter's ``tl.dot`` on bfloat16 adds raw bits, so under ``TRITON_INTERPRET=1`` the
 GEMM kernel upcasts its tiles to float32 first (exact for bf16/e4m3 values); on a GPU the tiles
@@ -32,17 +42,31 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layout import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, b_scale_rows, cdiv, check_gemm, expert_offsets
+from kernels.layout import (
+    AMAX_FLOOR,
+    BLOCK,
+    FP8_DTYPE,
+    FP8_MAX,
+    b_scale_rows,
+    cdiv,
+    check_gemm,
+    check_grouped_wgrad,
+    expert_offsets,
+    tile_offsets,
+)
 
 __all__ = [
     "INTERPRET",
     "quant_act_1x128",
     "quant_act_128x1",
+    "quant_act_128x1_grouped",
     "quant_weight_128x128",
     "dequant_act_1x128",
     "dequant_weight_128x128",
     "fp8_gemm",
     "fp8_grouped_gemm",
+    "fp8_grouped_wgrad",
+    "tune_bucket",
     "bf16_gemm",
     "bf16_grouped_gemm",
 ]
@@ -71,7 +95,14 @@ def _round_e4m3(v):
     subnormal = (mag + _E4M3_SUBNORMAL_SHIFT) - _E4M3_SUBNORMAL_SHIFT
     r = tl.where(mag >= _E4M3_MIN_NORMAL, normal, subnormal)
     # Re-attach the sign bit so that -0.0 and tiny negatives give e4m3's negative zero as torch does.
-    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    # The bit trick could turn a NaN into a finite value: pass NaN through untouched.
+    return tl.where(v != v, v, r)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -87,41 +118,55 @@ def _round_bf16(v):
 
 @triton.jit
 def _quant_kernel(
-    x_ptr, q_ptr, s_ptr, R, C,
+    x_ptr, q_ptr, s_ptr, tiles_ptr, R, C,
     stride_xr, stride_xc, stride_qr, stride_qc, stride_sr, stride_sc,
-    SCALE_R: tl.constexpr, SCALE_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCALE_R: tl.constexpr, SCALE_C: tl.constexpr, GROUPED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # One program quantizes a [BLOCK_R, BLOCK_C] tile of x[R, C]; one scale covers SCALE_R x SCALE_C
     # elements (1x128, 128x1 or 128x128) and the tile holds whole scale groups along the 128 axes.
+    # GROUPED (128x1 only): tile pid_r of the host tile map is (first row, end row, output row) and
+    # the output rows past the end row (the padding up to a whole tile) are written as zeros.
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    if GROUPED:
+        row0 = tl.load(tiles_ptr + pid_r * 3)
+        row_end = tl.load(tiles_ptr + pid_r * 3 + 1)
+        out0 = tl.load(tiles_ptr + pid_r * 3 + 2)
+    else:
+        row0 = pid_r * BLOCK_R
+        row_end = R
+        out0 = pid_r * BLOCK_R
+    offs_r = row0 + tl.arange(0, BLOCK_R)
+    offs_out = out0 + tl.arange(0, BLOCK_R)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_r = offs_r < R
+    mask_r = offs_r < row_end
     mask_c = offs_c < C
     mask = mask_r[:, None] & mask_c[None, :]
     x_ptrs = x_ptr + offs_r[:, None].to(tl.int64) * stride_xr + offs_c[None, :].to(tl.int64) * stride_xc
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     ax = tl.abs(x)
     if SCALE_R > 1 and SCALE_C > 1:
-        amax = tl.maximum(tl.max(tl.max(ax, axis=1), axis=0), _AMAX_FLOOR)
+        amax = _max_nan(tl.reduce(tl.reduce(ax, 1, _max_nan), 0, _max_nan), _AMAX_FLOOR)
         scale = tl.math.div_rn(amax, _FP8_MAX)
         v = tl.math.div_rn(x, tl.zeros_like(x) + scale)
         tl.store(s_ptr + pid_r * stride_sr + pid_c * stride_sc, scale)
     elif SCALE_C > 1:
-        amax = tl.maximum(tl.max(ax, axis=1), _AMAX_FLOOR)
+        amax = _max_nan(tl.reduce(ax, 1, _max_nan), _AMAX_FLOOR)
         scale = tl.math.div_rn(amax, tl.zeros_like(amax) + _FP8_MAX)
         v = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
         tl.store(s_ptr + offs_r.to(tl.int64) * stride_sr + pid_c * stride_sc, scale, mask=mask_r)
     else:
-        amax = tl.maximum(tl.max(ax, axis=0), _AMAX_FLOOR)
+        amax = _max_nan(tl.reduce(ax, 0, _max_nan), _AMAX_FLOOR)
         scale = tl.math.div_rn(amax, tl.zeros_like(amax) + _FP8_MAX)
         v = tl.math.div_rn(x, tl.zeros_like(x) + scale[None, :])
-        tl.store(s_ptr + pid_r * stride_sr + offs_c.to(tl.int64) * stride_sc, scale, mask=mask_c)
+        tl.store(s_ptr + (out0 // SCALE_R) * stride_sr + offs_c.to(tl.int64) * stride_sc, scale, mask=mask_c)
     # Clamp before the cast: saturation of out-of-range values differs between casts.
-    q = _round_e4m3(tl.clamp(v, -_FP8_MAX, _FP8_MAX))
-    q_ptrs = q_ptr + offs_r[:, None].to(tl.int64) * stride_qr + offs_c[None, :].to(tl.int64) * stride_qc
-    tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    q = _round_e4m3(tl.clamp(v, -_FP8_MAX, _FP8_MAX, propagate_nan=tl.PropagateNan.ALL))
+    q_ptrs = q_ptr + offs_out[:, None].to(tl.int64) * stride_qr + offs_c[None, :].to(tl.int64) * stride_qc
+    # Grouped: the whole output tile, padding included (masked loads made it zero).
+    store_mask = (offs_out[:, None] >= 0) & mask_c[None, :] if GROUPED else mask
+    tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
@@ -152,16 +197,21 @@ def _dequant_kernel(
 @triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tiles_ptr, M, N, K,
-    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
-    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
-    FP8: tl.constexpr, B_SCALE_ROWS: tl.constexpr, GROUPED: tl.constexpr,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_ce, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, TUNE_M, TUNE_K,
+    FP8: tl.constexpr, B_SCALE_ROWS: tl.constexpr, GROUPED: tl.constexpr, GROUPED_K: tl.constexpr,
     UPCAST: tl.constexpr, OUT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # c[m, n] = sum_k a[m, k] * b[e, n, k]; dense: e = 0 and tiles of M; grouped: tile pid_m of
     # the host tile map gives (expert, first row, end row) so no tile mixes two experts.
+    # GROUPED_K (the MoE weight gradient): c[e] = a[:, ks_e] · b[:, ks_e]ᵀ with e = program_id(2)
+    # and tiles_ptr holding the K-block offsets of the experts. TUNE_M / TUNE_K only key autotuning.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    kb0 = 0
+    kb1 = tl.cdiv(K, BLOCK_K)
+    c_base = c_ptr
     if GROUPED:
         expert = tl.load(tiles_ptr + pid_m * 3)
         row0 = tl.load(tiles_ptr + pid_m * 3 + 1)
@@ -170,18 +220,24 @@ def _gemm_kernel(
         expert = 0
         row0 = pid_m * BLOCK_M
         row_end = M
+    if GROUPED_K:
+        e = tl.program_id(2)
+        kb0 = tl.load(tiles_ptr + e).to(tl.int32)
+        kb1 = tl.load(tiles_ptr + e + 1).to(tl.int32)
+        c_base = c_ptr + e.to(tl.int64) * stride_ce
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < row_end
     mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + (kb0 * BLOCK_K + offs_k)[None, :] * stride_ak
     # b is read as a [BLOCK_K, BLOCK_N] tile of b[e]ᵀ: K-major, as FP8 tensor cores want it.
-    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+    b_ptrs = (b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn
+              + (kb0 * BLOCK_K + offs_k)[:, None] * stride_bk)
     as_ptrs = as_ptr + offs_m.to(tl.int64) * stride_asm
     bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // B_SCALE_ROWS).to(tl.int64) * stride_bsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for kb in range(kb0, kb1):
         mask_k = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
@@ -198,7 +254,7 @@ def _gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
     if OUT_BF16:
         acc = _round_bf16(acc)
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = c_base + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -210,12 +266,20 @@ _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3), (64, 64, 4, 5)]
 ]
-_gemm_tuned = None if INTERPRET else triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K"])(_gemm_kernel)
+_gemm_tuned = None if INTERPRET else triton.autotune(configs=_GEMM_CONFIGS, key=["TUNE_M", "N", "TUNE_K"])(_gemm_kernel)
 # The grouped tile map is built on the host for one BLOCK_M, so grouped launches use a fixed one;
 # 64 rows waste less padding on the small per-expert token counts of MoE layers.
 _GROUPED_BLOCK_M = 64
 _GROUPED_LAUNCH = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4}
+# The K-grouped weight-gradient GEMM: M and N are weight dims (large), K the experts' tokens.
+_WGRAD_LAUNCH = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4}
 _INTERPRET_TILE = 64
+
+
+def tune_bucket(n: int) -> int:
+    """The autotuning key of a token-count dimension: ``n`` rounded up to a power of two (>= 16),
+    so a new count re-uses the config tuned for its bucket instead of tuning again."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def _check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str) -> None:
@@ -231,6 +295,7 @@ def _quantize(
     s_strides: tuple[int, int],
     scale_r: int,
     scale_c: int,
+    tiles: torch.Tensor | None = None,
 ) -> None:
     r, c = x.shape
     if scale_c > 1 and scale_r > 1:
@@ -239,10 +304,11 @@ def _quantize(
         block_r, block_c, warps = (_INTERPRET_TILE if INTERPRET else 32), BLOCK, 4
     else:
         block_r, block_c, warps = BLOCK, (BLOCK if INTERPRET else 32), 4
-    grid = (cdiv(r, block_r), cdiv(c, block_c))
+    grid = (cdiv(r, block_r) if tiles is None else tiles.shape[0], cdiv(c, block_c))
     _quant_kernel[grid](
-        x, q, s, r, c, x.stride(0), x.stride(1), *q_strides, *s_strides,
-        SCALE_R=scale_r, SCALE_C=scale_c, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        x, q, s, x if tiles is None else tiles, r, c, x.stride(0), x.stride(1), *q_strides, *s_strides,
+        SCALE_R=scale_r, SCALE_C=scale_c, GROUPED=tiles is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
 
 
@@ -290,6 +356,30 @@ def quant_act_128x1(
         # The kernel walks x's (token, channel) tiles and writes each into the transposed outputs.
         _quantize(x, q_t, s_t, (q_t.stride(1), q_t.stride(0)), (s_t.stride(1), s_t.stride(0)), BLOCK, 1)
     return q_t, s_t
+
+
+def quant_act_128x1_grouped(
+    x: torch.Tensor, offsets: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``x[T, K]``, experts' rows at ``offsets`` -> ``(q_t[K, Tp], s_t[K, Tp/128], tile_offsets)``, one launch.
+
+    Each expert's tokens quantized 128x1 and padded with zeros to whole 128-token tiles
+    (layout: :func:`kernels.layout.tile_offsets`).
+    """
+    _check_2d(x, "x")
+    t, k = x.shape
+    offsets = list(offsets)
+    if offsets[0] != 0 or offsets[-1] != t:
+        raise ValueError(f"offsets must run from 0 to the {t} rows of x, got {offsets}")
+    tiles_at = tile_offsets(offsets)
+    q_t = torch.empty(k, tiles_at[-1], dtype=FP8_DTYPE, device=x.device)
+    s_t = torch.empty(k, tiles_at[-1] // BLOCK, dtype=torch.float32, device=x.device)
+    tiles = [(row, hi, col + row - lo)
+             for lo, hi, col in zip(offsets, offsets[1:], tiles_at) for row in range(lo, hi, BLOCK)]
+    if tiles and k:
+        tile_map = torch.tensor(tiles, dtype=torch.int64).to(x.device)
+        _quantize(x, q_t, s_t, (q_t.stride(1), q_t.stride(0)), (s_t.stride(1), s_t.stride(0)), BLOCK, 1, tile_map)
+    return q_t, s_t, tiles_at
 
 
 def quant_weight_128x128(
@@ -367,10 +457,13 @@ def _launch_gemm(
     a_s: torch.Tensor | None,
     b_s: torch.Tensor | None,
     offsets: Sequence[int] | None,
+    k_offsets: Sequence[int] | None = None,
 ) -> None:
-    """Run ``c = a · bᵀ`` (dense: ``b[N, K]``; grouped: ``b[E, N, K]`` with ``offsets``)."""
+    """Run ``c = a · bᵀ`` (dense: ``b[N, K]``; grouped: ``b[E, N, K]`` with ``offsets``;
+    K-grouped: ``c[E, M, N]``, expert e reducing over K range ``k_offsets[e]:k_offsets[e+1]``)."""
     fp8 = a_s is not None
     grouped = offsets is not None
+    grouped_k = k_offsets is not None
     b3 = b if grouped else b.unsqueeze(0)
     n, k = b3.shape[1], b3.shape[2]
     m = a.shape[0]
@@ -390,25 +483,33 @@ def _launch_gemm(
         tiles = _tile_map(offsets, block_m, a.device)
         if tiles.shape[0] == 0:
             return
+    elif grouped_k:
+        tiles = torch.tensor([o // BLOCK for o in k_offsets], dtype=torch.int64).to(a.device)
     else:
         tiles = a
+    c3 = c if grouped_k else c.unsqueeze(0)
     args = (
         a, b3, c, a_s, bs3, tiles, m, n, k,
-        a.stride(0), a.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), c.stride(0), c.stride(1),
-        *scale_args,
+        a.stride(0), a.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), c3.stride(0), c3.stride(1), c3.stride(2),
+        *scale_args, tune_bucket(m), tune_bucket(k),
     )  # fmt: skip
     flags = dict(
-        FP8=fp8, B_SCALE_ROWS=b_rows, GROUPED=grouped, UPCAST=INTERPRET,
+        FP8=fp8, B_SCALE_ROWS=b_rows, GROUPED=grouped, GROUPED_K=grouped_k, UPCAST=INTERPRET,
         OUT_BF16=c.dtype == torch.bfloat16, BLOCK_K=block_k,
     )  # fmt: skip
+    num_experts = len(k_offsets) - 1 if grouped_k else 1
     if INTERPRET:
         n_m = tiles.shape[0] if grouped else cdiv(m, _INTERPRET_TILE)
-        _gemm_kernel[(n_m, cdiv(n, _INTERPRET_TILE))](
+        _gemm_kernel[(n_m, cdiv(n, _INTERPRET_TILE), num_experts)](
             *args, **flags, BLOCK_M=_INTERPRET_TILE, BLOCK_N=_INTERPRET_TILE
         )
     elif grouped:
         launch = _GROUPED_LAUNCH
         _gemm_kernel[(tiles.shape[0], cdiv(n, launch["BLOCK_N"]))](*args, **flags, BLOCK_M=block_m, **launch)
+    elif grouped_k:
+        launch = _WGRAD_LAUNCH
+        grid = (cdiv(m, launch["BLOCK_M"]), cdiv(n, launch["BLOCK_N"]), num_experts)
+        _gemm_kernel[grid](*args, **flags, **launch)
     else:
         grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))  # noqa: E731
         _gemm_tuned[grid](*args, **flags)
@@ -449,6 +550,31 @@ def fp8_grouped_gemm(
     if c.numel():
         _launch_gemm(a, b, c, a_scale, b_scale, offsets)
     return c
+
+
+def fp8_grouped_wgrad(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    k_offsets: Sequence[int],
+    out_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """K-grouped ``out[e] = a[:, ks_e] · b[:, ks_e]ᵀ -> [E, M, N]``, all experts in one launch.
+
+    The MoE weight gradient from the grouped 128x1 copies (:func:`quant_act_128x1_grouped`):
+    ``a[M, Tp]``, ``b[N, Tp]``, scales ``[M, Tp/128]``, ``[N, Tp/128]``; ``k_offsets`` multiples of 128.
+    """
+    check_grouped_wgrad(a, a_scale, b, b_scale, k_offsets, out_dtype)
+    shape = (len(k_offsets) - 1, a.shape[0], b.shape[0])
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=a.device)
+    _check_out(out, shape, out_dtype, a.device, "out")
+    if out.numel():
+        # Experts without tokens reduce over nothing: their programs store zeros.
+        _launch_gemm(a, b, out, a_scale, b_scale, None, list(k_offsets))
+    return out
 
 
 def bf16_gemm(

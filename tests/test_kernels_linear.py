@@ -9,7 +9,7 @@ import torch
 
 import kernels
 from kernels import backend as backend_mod
-from kernels import capture_weight_grads, grouped_linear, linear
+from kernels import WeightGradDeferral, grouped_linear, linear
 from kernels.testing import calc_diff
 
 
@@ -65,7 +65,7 @@ def test_deferred_weight_grads_are_identical(backend, gen):
     y0, dx0, dw0, db0 = _run(backend, x, w, b, g)
 
     xp, wp, bp = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
-    with capture_weight_grads() as pending:
+    with WeightGradDeferral([wp, bp]).capture() as pending:
         linear(xp, wp, bp, backend=backend).backward(g)
     assert wp.grad is None and len(pending) == 1, "B pass must leave the weight gradient to W"
     assert torch.equal(xp.grad, dx0) and torch.equal(bp.grad, db0)
@@ -98,7 +98,7 @@ def test_grouped_linear_is_per_expert_linear_and_defers(backend, gen):
         assert torch.equal(wp.grad[e], we.grad if hi > lo else torch.zeros_like(we))
 
     xd, wd = x.clone().requires_grad_(), w.clone().requires_grad_()
-    with capture_weight_grads() as pending:
+    with WeightGradDeferral([wd]).capture() as pending:
         grouped_linear(xd, wd, offs, backend=backend).backward(g)
     assert wd.grad is None
     for fn in pending:

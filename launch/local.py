@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch import collector
+
 __all__ = ["find_mpiexec", "mpi_flavor", "mpiexec_argv", "run_local", "LaunchTimeout", "main"]
 
 
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mpiexec", default=None,
                         help="mpiexec to use (default: $HETEROPIPE_MPIEXEC, the one beside this Python, PATH)")
     parser.add_argument("--dry-run", action="store_true", help="print the mpiexec command line and exit")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="do not start the telemetry collector that prints the live progress line (then rank 0 "
+                             "of launch.train prints its own step lines)")
     parser.add_argument("module", help="Python module every rank runs, e.g. launch.train or launch.ring")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the module")
     ns = parser.parse_args(argv)
@@ -117,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         print(" ".join(mpiexec_argv(ns.ranks, ns.module, ns.args, mpiexec=ns.mpiexec)))
         return 0
     try:
-        return run_local(ns.ranks, ns.module, ns.args, timeout=ns.timeout, mpiexec=ns.mpiexec).returncode
+        with collector.running(enabled=not ns.no_progress) as telemetry_env:
+            return run_local(ns.ranks, ns.module, ns.args, timeout=ns.timeout, mpiexec=ns.mpiexec,
+                             env=telemetry_env).returncode
     except LaunchTimeout as exc:
         print(f"launch.local: {exc}", file=sys.stderr)
         return 124

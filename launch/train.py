@@ -23,7 +23,9 @@ from actors.data import SyntheticTokens, TokenFile
 from actors.pipeline import StageActor
 from actors.preflight import preflight
 from kernels import describe_backend
+from launch import collector
 from runtime import clock, log, spans
+from runtime.telemetry import Telemetry
 from runtime.schedules import SCHEDULE_NAMES
 
 __all__ = ["main", "parse_config"]
@@ -127,7 +129,7 @@ def _shared_run_dir(comm: MPI.Comm, log_dir: str, given: str | None) -> tuple[st
     return msg["run_id"], msg["log_dir"]
 
 
-def _program(cfg: TrainConfig, tokens_per_step: int, resume_from: tuple | None):
+def _program(cfg: TrainConfig, tokens_per_step: int, resume_from: tuple | None, telemetry: Telemetry | None):
     def run(actor: StageActor) -> list:
         results = []
         first = 0
@@ -143,8 +145,13 @@ def _program(cfg: TrainConfig, tokens_per_step: int, resume_from: tuple | None):
                 mean = sum(r.losses) / len(r.losses)
                 actor.log.info("step", step=step, loss=mean, grad_norm=r.grad_norm, seconds=r.seconds,
                                tokens_per_s=tokens_per_step / r.seconds)
-                print(f"step {step + 1:>4}/{cfg.steps}  loss {mean:8.4f}  grad-norm {r.grad_norm:7.3f}  "
-                      f"{tokens_per_step / r.seconds:9.0f} tokens/s  ({r.seconds:.2f} s)", flush=True)
+                if telemetry is None:  # else the collector prints the line, with ETA and slowest rank
+                    print(f"step {step + 1:>4}/{cfg.steps}  loss {mean:8.4f}  grad-norm {r.grad_norm:7.3f}  "
+                          f"{tokens_per_step / r.seconds:9.0f} tokens/s  ({r.seconds:.2f} s)", flush=True)
+            if telemetry is not None:  # every rank: the launcher's progress line (dropped if nobody listens)
+                extra = {"loss": mean, "grad_norm": r.grad_norm, "tokens": tokens_per_step} if actor.rank == 0 else {}
+                telemetry.send(rank=actor.rank, size=actor.size, step=step, steps=cfg.steps, seconds=r.seconds,
+                               compute_s=r.compute_seconds, **extra)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 where = checkpoint.save(cfg.checkpoint_dir, actor, cfg, step + 1, actor.comm)
                 actor.log.info("checkpoint", path=str(where), next_step=step + 1)
@@ -196,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training {cfg.steps} steps: {schedule.name} on {schedule.pp} ranks ({schedule.num_stages} stages), "
               f"{schedule.microbatches} microbatches x {cfg.pipeline.micro_batch} x {m.seq_len} tokens, "
               f"precision {'/'.join(precisions) if len(set(precisions)) > 1 else precision}; logs in {log.log_path(log_dir, run_id, 0).parent}", flush=True)
+    telemetry_at = os.environ.get(collector.ENV)
+    telemetry = Telemetry(telemetry_at) if telemetry_at else None
     actor = StageActor(schedule=schedule, model=m, optim=cfg.optim, data=data, micro_batch=cfg.pipeline.micro_batch,
-                       seed=cfg.seed, program=_program(cfg, tokens_per_step, resume_from), trace=cfg.trace)
+                       seed=cfg.seed, program=_program(cfg, tokens_per_step, resume_from, telemetry), trace=cfg.trace)
     results = actor.run()
+    if telemetry is not None:
+        telemetry.close()
     if comm.rank == 0 and results:
         first = sum(results[0].losses) / len(results[0].losses)
         last = sum(results[-1].losses) / len(results[-1].losses)

@@ -1,0 +1,582 @@
+"""Expert placement: which devices hold which replicas of the routed experts (EPLB's interface).
+
+``rebalance`` returns DeepSeek EPLB's three tensors with EPLB's meaning: ``phy2log[layer, p]`` is
+the logical expert in physical slot ``p``, slot ``p`` lives on device ``p // (num_replicas //
+num_devices)`` (devices node-major: device ``d`` is on node ``d // (num_devices // num_nodes)``),
+``log2phy[layer, e, :logcnt[layer, e]]`` are expert ``e``'s slots (ascending, padded with -1) and
+``logcnt`` its replica count. Beyond EPLB it guarantees
+
+* no device holds two replicas of one expert (possible whenever ``num_replicas // num_devices <=
+  experts``; otherwise ``rebalance`` refuses),
+* node-limited routing survives replication: when ``num_nodes`` divides ``num_groups`` every group
+  has a *home node* holding at least one replica of each of its experts (``group_home_nodes``),
+  as EPLB's hierarchical policy has. Unlike EPLB, the remaining replicas may sit on any node; a
+  replica off its group's home node serves only tokens whose routing already reaches that node
+  (``choose_replicas``), so no token reaches more nodes than its routing chose. This freedom is
+  what lets the node loads differ from the group loads: EPLB's hierarchical policy cannot go below
+  the node-level packing of whole groups (max/mean ~1.37 for 8 lognormal(sigma=1) groups of 32).
+
+Quality is EPLB's measure (``imbalance``): a replica carries its expert's load / replica count, a
+device the sum over its replicas divided by its relative speed, and a layer scores max / mean.
+
+Algorithm, per layer (float64 numpy; 61 layers x 256 experts take about a second):
+
+1. Homes: groups packed onto nodes, ``num_groups // num_nodes`` each, heaviest first onto the node
+   with the least load per unit of speed (LPT with a cardinality limit, as EPLB packs).
+2. Counts: each extra replica goes to the expert whose replicas carry the most (load / count; ties:
+   fewer replicas, then lower id), at most ``num_devices`` replicas per expert.
+3. Packing: replicas in descending load order (LPT), each onto the device whose load per speed
+   stays lowest among those with a free slot, not yet holding the expert, and -- for an expert's
+   first replica -- on its home node; a node keeps free slots for the home replicas still to come.
+4. Local search on the most loaded device: the best swap of one of its replicas with any other
+   replica, or the best re-pointing of one of its slots to another expert (one replica fewer for
+   the old, one more for the new), taken only if every device it changes ends below the old
+   maximum (so the sorted load vector falls and the search terminates); it stops when nothing helps.
+
+With a ``Migration`` the search also starts from the previous placement and charges every replica
+that lands on a device which did not hold that expert before; the cheaper plan (max/mean plus the
+price of the bytes moved) wins against the fresh plan relabelled to overlap the previous one.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["Migration", "choose_replicas", "expert_state_bytes", "group_home_nodes", "imbalance", "rebalance"]
+
+_GIB = float(1 << 30)
+_TOL = 1e-9  # relative to the mean device load: moves must gain more than rounding noise
+
+
+def expert_state_bytes(num_params: int, weight_bytes: int = 2) -> int:
+    """Bytes that move with one expert replica: its weights (``weight_bytes`` per parameter, bf16
+    by default) plus the fp32 master copy and AdamW's two fp32 moments."""
+    return num_params * (weight_bytes + 4 + 4 + 4)
+
+
+@dataclass(kw_only=True, slots=True)
+class Migration:
+    """A previous placement and the price of moving away from it."""
+
+    previous: torch.Tensor
+    """[layers, num_replicas] the current ``phy2log`` (same shape as the new plan's)."""
+    bytes_per_replica: int
+    """Bytes one replica carries when it moves: ``expert_state_bytes(params per expert)``."""
+    price_per_gib: float
+    """Max/mean (per layer) worth one GiB of moved expert state: a re-plan moves a replica only
+    if the balance it buys pays for its bytes. 0 = plan fresh, but relabel to move little."""
+
+    def __post_init__(self):
+        if self.previous.dim() != 2:
+            raise ValueError(f"Migration.previous: shape {tuple(self.previous.shape)}; expected "
+                             "[layers, num_replicas] (the phy2log rebalance returned)")
+        if self.bytes_per_replica <= 0:
+            raise ValueError(f"Migration.bytes_per_replica={self.bytes_per_replica}: must be positive; "
+                             "use expert_state_bytes(params per expert)")
+        if not self.price_per_gib >= 0:
+            raise ValueError(f"Migration.price_per_gib={self.price_per_gib}: must be >= 0 "
+                             "(0 = balance only)")
+
+
+def imbalance(load: torch.Tensor, phy2log: torch.Tensor, num_devices: int,
+              device_speed: torch.Tensor | None = None) -> torch.Tensor:
+    """EPLB's quality figure per layer: max / mean device load, each replica carrying its expert's
+    load / replica count and each device's sum divided by its relative speed.
+
+    load: [layers, experts]; phy2log: [layers, num_replicas]. Returns [layers] (1.0 = perfect;
+    a layer without load scores 1.0).
+    """
+    w = load.double()
+    cnt = torch.zeros_like(w).scatter_add_(1, phy2log, torch.ones_like(phy2log, dtype=w.dtype))
+    per_slot = (w / cnt.clamp(min=1)).gather(1, phy2log)
+    dev = per_slot.view(w.shape[0], num_devices, -1).sum(-1)
+    speed = torch.ones(num_devices, dtype=w.dtype) if device_speed is None else device_speed.double()
+    mean = dev.sum(-1, keepdim=True) / speed.sum()
+    ratio = (dev / speed).max(-1, keepdim=True).values / mean
+    return torch.where(mean > 0, ratio, torch.ones_like(ratio)).squeeze(-1)
+
+
+def group_home_nodes(phy2log: torch.Tensor, num_groups: int, num_nodes: int, num_devices: int) -> torch.Tensor:
+    """For each group the lowest node holding a replica of every one of its experts, else -1.
+
+    phy2log: [layers, num_replicas] (experts = its largest id + 1, in ``num_groups`` equal
+    consecutive groups). Returns [layers, num_groups] int64. A token routed to groups G reaches
+    the nodes {home(g) : g in G}; ``choose_replicas`` keeps it there.
+    """
+    layers, num_replicas = phy2log.shape
+    num_experts = int(phy2log.max()) + 1
+    if num_experts % num_groups or num_replicas % num_devices or num_devices % num_nodes:
+        raise ValueError(f"group_home_nodes: {num_experts} experts / {num_groups} groups, {num_replicas} "
+                         f"slots / {num_devices} devices, {num_devices} devices / {num_nodes} nodes must divide")
+    slot_node = torch.arange(num_replicas) // (num_replicas // num_nodes)
+    present = torch.zeros(layers, num_nodes, num_experts, dtype=torch.bool)
+    present[torch.arange(layers)[:, None], slot_node[None, :], phy2log] = True
+    full = present.view(layers, num_nodes, num_groups, -1).all(-1)  # [layers, nodes, groups]
+    first = full.int().argmax(1)  # argmax returns the first maximal index
+    return torch.where(full.any(1), first, torch.full_like(first, -1))
+
+
+def rebalance(load: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_devices: int, *,
+              device_speed: torch.Tensor | None = None,
+              migration: Migration | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Place ``num_replicas`` replicas of the experts on ``num_devices`` devices (module docstring).
+
+    load: [layers, experts] non-negative load per expert (e.g. tokens routed to it).
+    num_groups: expert groups of node-limited routing (consecutive ids); home nodes are guaranteed
+        when ``num_nodes`` divides it (otherwise, like EPLB's global policy, groups have none).
+    device_speed: [num_devices] relative speeds (> 0); a device gets load in proportion.
+    migration: previous placement and the price of moving expert state (``Migration``).
+    Returns phy2log [layers, num_replicas], log2phy [layers, experts, max replicas] (-1 padded),
+    logcnt [layers, experts], all int64.
+    """
+    if load.dim() != 2:
+        raise ValueError(f"load: shape {tuple(load.shape)}; expected [layers, experts]")
+    w_all = load.detach().double().cpu().numpy()
+    layers, num_experts = w_all.shape
+    if not (np.isfinite(w_all).all() and (w_all >= 0).all()):
+        raise ValueError("load: must be finite and >= 0 (token counts or rates per expert)")
+    if num_devices < 1 or num_nodes < 1 or num_devices % num_nodes:
+        raise ValueError(f"num_devices={num_devices}: must be a positive multiple of num_nodes={num_nodes}")
+    if num_replicas % num_devices:
+        raise ValueError(f"num_replicas={num_replicas}: must be a multiple of num_devices={num_devices} "
+                         "(every device holds the same number of slots)")
+    if not num_experts <= num_replicas <= num_experts * num_devices:
+        raise ValueError(f"num_replicas={num_replicas}: must be in {num_experts}..{num_experts * num_devices} "
+                         "(every expert needs a slot; more slots per device than experts forces two "
+                         "replicas of one expert onto a device)")
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(f"num_groups={num_groups}: must divide the {num_experts} experts")
+    if device_speed is None:
+        speed = np.ones(num_devices)
+    else:
+        speed = device_speed.detach().double().cpu().numpy()
+        if speed.shape != (num_devices,) or not (np.isfinite(speed).all() and (speed > 0).all()):
+            raise ValueError(f"device_speed: expected [{num_devices}] positive finite relative speeds")
+    prev = None
+    if migration is not None:
+        prev = migration.previous.detach().cpu().numpy()
+        if prev.shape != (layers, num_replicas) or prev.min() < 0 or prev.max() >= num_experts:
+            raise ValueError(f"Migration.previous: shape {prev.shape} with ids in 0..{num_experts - 1} "
+                             f"expected [{layers}, {num_replicas}]")
+
+    shape = _Shape(num_experts, num_replicas, num_groups, num_nodes, num_devices, speed)
+    phy2log = np.empty((layers, num_replicas), dtype=np.int64)
+    for layer in range(layers):
+        if migration is None:
+            phy2log[layer] = _plan_layer(w_all[layer], shape, None, 0.0)
+        else:
+            price = migration.price_per_gib * migration.bytes_per_replica / _GIB  # per replica moved
+            phy2log[layer] = _plan_layer(w_all[layer], shape, prev[layer], price)
+
+    logcnt = np.zeros((layers, num_experts), dtype=np.int64)
+    np.add.at(logcnt, (np.arange(layers)[:, None], phy2log), 1)
+    log2phy = np.full((layers, num_experts, int(logcnt.max())), -1, dtype=np.int64)
+    order = np.argsort(phy2log, axis=1, kind="stable")  # slots grouped by expert, ascending
+    rank = np.arange(num_replicas)[None, :] - np.take_along_axis(
+        np.concatenate([np.zeros((layers, 1), np.int64), logcnt.cumsum(1)[:, :-1]], 1),
+        np.take_along_axis(phy2log, order, 1), 1)
+    log2phy[np.arange(layers)[:, None], np.take_along_axis(phy2log, order, 1), rank] = order
+    return torch.from_numpy(phy2log), torch.from_numpy(log2phy), torch.from_numpy(logcnt)
+
+
+@dataclass(slots=True)
+class _Shape:
+    num_experts: int
+    num_replicas: int
+    num_groups: int
+    num_nodes: int
+    num_devices: int
+    speed: np.ndarray
+
+    @property
+    def slots(self) -> int:
+        return self.num_replicas // self.num_devices
+
+    @property
+    def homed(self) -> bool:
+        return self.num_groups % self.num_nodes == 0
+
+
+def _plan_layer(w: np.ndarray, shape: _Shape, prev: np.ndarray | None, price: float) -> np.ndarray:
+    """One layer's phy2log [num_replicas]: the fresh plan, or with a previous placement the cheaper
+    of (search from the previous plan) and (fresh plan relabelled to overlap it)."""
+    num_devices, num_nodes = shape.num_devices, shape.num_nodes
+    per_node = num_devices // num_nodes
+    dev_node = np.arange(num_devices) // per_node
+    prev_home = _homes_of(prev, shape) if prev is not None else None
+    home = _pack_groups(w, shape) if prev_home is None else prev_home
+    cnt = _replica_counts(w, shape.num_replicas, num_devices, shape.num_groups)
+    one_per_device = np.ones((shape.num_experts, num_devices), dtype=np.int64)
+    node_cap = _node_caps(cnt, home, num_nodes, per_node)
+    if home[0] >= 0:  # node level first: node loads can differ from group loads only via free replicas
+        node_speed = shape.speed.reshape(num_nodes, per_node).sum(1)
+        nodes = _node_packing(w, cnt, home, shape, node_speed, node_cap)
+        # a node-level move must not make a replica heavier than a device's share (or than the
+        # heaviest one already is): whole nodes balance but a replica cannot be split over devices
+        heavy = max((w / cnt).max(), w.sum() / shape.speed.sum() * shape.speed.min())
+        nodes = _local_search(w, nodes, home, np.arange(num_nodes), node_speed, node_cap, node_cap, None, 0.0,
+                              heavy)
+        rl = w / np.bincount(nodes.reshape(-1), minlength=shape.num_experts)
+        slots = np.concatenate([
+            _lpt(rl, nodes[n], shape.slots, shape.speed[n * per_node:(n + 1) * per_node]) for n in range(num_nodes)])
+    else:
+        slots = _lpt(w / cnt, np.repeat(np.arange(shape.num_experts), cnt), shape.slots, shape.speed)
+    slots = _local_search(w, slots, home, dev_node, shape.speed, one_per_device, node_cap, None, 0.0)
+    if prev is None:
+        return slots.ravel()
+    prev_slots = prev.reshape(num_devices, shape.slots)
+    candidates = [_align(slots, prev_slots, shape)]
+    if prev_home is not None and _distinct(prev_slots):
+        prev_node_held = np.zeros((shape.num_experts, num_nodes), dtype=np.int64)
+        np.add.at(prev_node_held, (prev_slots, dev_node[:, None]), 1)
+        candidates.append(_local_search(w, prev_slots.copy(), home, dev_node, shape.speed, one_per_device,
+                                        np.maximum(node_cap, prev_node_held), prev_slots, price))
+    cost = [_imbalance_1(w, c, shape) + price * _moved(c, prev_slots, shape.num_experts) for c in candidates]
+    return candidates[int(np.argmin(cost))].ravel()
+
+
+def _node_caps(cnt: np.ndarray, home: np.ndarray, num_nodes: int, per_node: int) -> np.ndarray:
+    """[experts, nodes] replicas an expert may have on a node: one per device on its home node,
+    elsewhere as few as its count allows (one, usually). A replica off the home node serves only
+    tokens that reach that node anyway, so an expert's off-home replicas are spread over distinct
+    nodes: more of its tokens can use one of them. Without homes: no limit beyond the devices."""
+    if home[0] < 0 or num_nodes == 1:
+        return np.full((len(cnt), num_nodes), per_node, dtype=np.int64)
+    off = np.maximum(1, -(-(cnt - per_node) // (num_nodes - 1)))
+    cap = np.repeat(np.minimum(off, per_node)[:, None], num_nodes, axis=1)
+    cap[np.arange(len(cnt)), home] = per_node
+    return cap
+
+
+def _homes_of(prev: np.ndarray, shape: _Shape) -> np.ndarray | None:
+    """The previous plan's home node per expert, if it homes every group the way _pack_groups would
+    (groups_per_node on every node); None otherwise (then homes are packed afresh)."""
+    if not shape.homed:
+        return np.full(shape.num_experts, -1)
+    per_node = shape.num_groups // shape.num_nodes
+    homes = group_home_nodes(torch.from_numpy(prev)[None], shape.num_groups, shape.num_nodes,
+                             shape.num_devices)[0].numpy()
+    if (homes < 0).any() or (np.bincount(homes, minlength=shape.num_nodes) != per_node).any():
+        return None
+    return np.repeat(homes, shape.num_experts // shape.num_groups)
+
+
+def _pack_groups(w: np.ndarray, shape: _Shape) -> np.ndarray:
+    """Home node per expert (-1 everywhere when num_nodes does not divide num_groups)."""
+    if not shape.homed:
+        return np.full(shape.num_experts, -1)
+    per_node = shape.num_groups // shape.num_nodes
+    group_load = w.reshape(shape.num_groups, -1).sum(1)
+    node_speed = shape.speed.reshape(shape.num_nodes, -1).sum(1)
+    node_load = np.zeros(shape.num_nodes)
+    node_count = np.zeros(shape.num_nodes, dtype=np.int64)
+    home = np.empty(shape.num_groups, dtype=np.int64)
+    for g in np.argsort(-group_load, kind="stable"):
+        open_nodes = np.flatnonzero(node_count < per_node)
+        n = open_nodes[np.argmin((node_load[open_nodes] + group_load[g]) / node_speed[open_nodes])]
+        home[g] = n
+        node_load[n] += group_load[g]
+        node_count[n] += 1
+    return np.repeat(home, shape.num_experts // shape.num_groups)
+
+
+def _replica_counts(w: np.ndarray, num_replicas: int, num_devices: int, num_groups: int) -> np.ndarray:
+    """Replicas per expert: each extra one to the expert whose replicas carry the most. Ties go
+    round-robin over the groups (equal loads must not pile every extra replica into group 0)."""
+    per_group = len(w) // num_groups
+    tie = (np.arange(len(w)) % per_group) * num_groups + np.arange(len(w)) // per_group
+    cnt = np.ones(len(w), dtype=np.int64)
+    heap = [(-w[e], 1, tie[e], e) for e in range(len(w))]
+    heapq.heapify(heap)
+    for _ in range(num_replicas - len(w)):
+        _, c, t, e = heapq.heappop(heap)
+        cnt[e] = c + 1
+        if c + 1 < num_devices:  # a device never holds two replicas of one expert
+            heapq.heappush(heap, (-w[e] / (c + 1), c + 1, t, e))
+    return cnt
+
+
+def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shape,
+                  node_speed: np.ndarray, node_cap: np.ndarray) -> np.ndarray:
+    """Replicas onto nodes: [num_nodes, slots per node] expert ids. Every expert's first replica
+    sits on its home node; the others are packed LPT-style onto the nodes within ``node_cap``."""
+    num_nodes = shape.num_nodes
+    per_node = shape.num_devices // num_nodes
+    homes = [np.flatnonzero(home == n) for n in range(num_nodes)]
+    rl = w / cnt
+    base = np.array([rl[h].sum() for h in homes])
+    free = np.repeat(np.arange(shape.num_experts), cnt - 1)
+    free = free[np.argsort(-rl[free], kind="stable")]
+    size = shape.num_replicas // num_nodes - np.array([len(h) for h in homes])
+    held = np.zeros((shape.num_experts, num_nodes), dtype=np.int64)
+    held[np.arange(shape.num_experts), home] = 1
+    where = _assign(rl, free, size, node_speed, base, held, node_cap)
+    return np.stack([np.concatenate([homes[n], free[where == n]]) for n in range(num_nodes)])
+
+
+def _lpt(rl: np.ndarray, experts: np.ndarray, per_device: int, speed: np.ndarray) -> np.ndarray:
+    """Replicas (expert ids, one entry per replica; ``rl`` [experts] the load one replica carries)
+    onto len(speed) devices of per_device slots, no expert twice on a device: [devices, per_device]."""
+    items = experts[np.argsort(-rl[experts], kind="stable")]
+    held = np.zeros((len(rl), len(speed)), dtype=np.int64)
+    where = _assign(rl, items, np.full(len(speed), per_device), speed, np.zeros(len(speed)), held,
+                    np.ones_like(held))
+    return np.stack([items[where == d] for d in range(len(speed))])
+
+
+def _assign(rl: np.ndarray, items: np.ndarray, size: np.ndarray, speed: np.ndarray, load: np.ndarray,
+            held: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """LPT: items (expert ids, heaviest replica first) each into the container whose load / speed
+    stays lowest among those with room and fewer than ``cap[e, c]`` replicas of that expert. ``held``
+    [experts, containers] counts replicas already there (not movable). Returns the container per
+    item. When every container with room is full of that expert, an earlier item moves into the
+    room and the new one takes its place (a swap that keeps the limits)."""
+    load, held, size = load.copy(), held.copy(), size.copy()
+    where = np.full(len(items), -1, dtype=np.int64)
+    for k, e in enumerate(items):
+        room = size > 0
+        ok = room & (held[e] < cap[e])
+        if ok.any():
+            cand = np.flatnonzero(ok)
+            c = cand[np.argmin((load[cand] + rl[e]) / speed[cand])]
+        else:
+            c = int(np.flatnonzero(room)[0])
+            movable = [j for j in range(k) if held[e, where[j]] < cap[e, where[j]] and held[items[j], c] < cap[items[j], c]]
+            assert movable, "no swap keeps the limits: cannot happen while replicas <= containers * cap"
+            j = min(movable, key=lambda j: max((load[c] + rl[items[j]]) / speed[c],
+                                               (load[where[j]] - rl[items[j]] + rl[e]) / speed[where[j]]))
+            c2, x = where[j], items[j]
+            where[j] = c
+            held[x, c2] -= 1
+            held[x, c] += 1
+            load[c2] -= rl[x]
+            load[c] += rl[x]
+            size[c] -= 1
+            size[c2] += 1
+            c = c2
+        where[k] = c
+        held[e, c] += 1
+        load[c] += rl[e]
+        size[c] -= 1
+    return where
+
+
+def _local_search(w: np.ndarray, slots: np.ndarray, home: np.ndarray, cont_node: np.ndarray, speed: np.ndarray,
+                  cap: np.ndarray, node_cap: np.ndarray, prev_slots: np.ndarray | None, price: float,
+                  heavy: float = np.inf) -> np.ndarray:
+    """Improve slots [containers, slots each] (expert ids; containers are devices or nodes) in place
+    by swaps / re-pointing on the most loaded container (module docstring, step 4), keeping at most
+    ``cap[e, c]`` replicas of expert e in container c and ``node_cap[e, n]`` on node n, and a replica of every
+    homed expert on its home node (``cont_node`` maps container -> node), and no replica heavier
+    than ``heavy`` after re-pointing. With prev_slots, a move pays ``price`` (in max/mean) per
+    replica it places where that expert was not before."""
+    num_cont, per_cont = slots.shape
+    num_experts = len(w)
+    dev = np.repeat(np.arange(num_cont), per_cont)
+    node = cont_node[dev]
+    flat = slots.reshape(-1)
+    holds = np.zeros((num_experts, num_cont), dtype=np.int64)
+    np.add.at(holds, (flat, dev), 1)
+    cnt = holds.sum(1)
+    node_holds = np.zeros((num_experts, node_cap.shape[1]), dtype=np.int64)
+    np.add.at(node_holds, (flat, node), 1)
+    new_pay = np.full((num_experts, num_cont), price)  # cost of a replica of e newly in container c
+    if prev_slots is not None:
+        new_pay[prev_slots.reshape(-1), dev] = 0.0
+    at_home = cont_node[None, :] == home[:, None]  # [experts, containers]
+    mean = w.sum() / speed.sum()
+    if mean <= 0:
+        return slots
+    tol = _TOL * mean
+    for _ in range(20 * len(flat)):
+        rl = w / cnt
+        load = np.bincount(dev, rl[flat], num_cont) / speed
+        d = int(np.argmax(load))
+        top = load[d]
+        mine = np.arange(d * per_cont, (d + 1) * per_cont)
+        x = flat[mine]
+        home_cnt = (holds * at_home).sum(1)
+        # leaving container c's node breaks the home rule for the sole replica on the home node
+        pinned = (home >= 0) & (home_cnt == 1)
+        # swaps: slot i on d with slot j elsewhere
+        y, dj = flat, dev
+        new_d = top + (rl[y][None, :] - rl[x][:, None]) / speed[d]
+        new_j = load[dj][None, :] + (rl[x][:, None] - rl[y][None, :]) / speed[dj][None, :]
+        cross = node != cont_node[d]
+        ok = ((dj != d)[None, :] & (x[:, None] != y[None, :])
+              & (holds[y, d] < cap[y, d])[None, :] & (holds[x[:, None], dj[None, :]] < cap[x[:, None], dj[None, :]])
+              & ~((pinned[x] & (home[x] == cont_node[d]))[:, None] & cross[None, :])
+              & ~(cross & (node_holds[y, cont_node[d]] >= node_cap[y, cont_node[d]]))[None, :]
+              & ~(cross[None, :] & (node_holds[x[:, None], node[None, :]] >= node_cap[x[:, None], node[None, :]]))
+              & ~(pinned[y] & (home[y] == node) & cross)[None, :])
+        score = np.maximum(new_d, new_j)
+        pay = (new_pay[y, d][None, :] + new_pay[x[:, None], dj[None, :]]
+               - new_pay[x, d][:, None] - new_pay[y, dj][None, :])
+        gain = np.where(ok & (score < top - tol), (top - score) / mean - pay, -np.inf)
+        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
+        best = (gain[i, j], "swap", i, j)
+        # re-pointing: slot i on d now holds expert b instead of a (a loses a replica, b gains one)
+        delta = w / (cnt + 1) - rl  # each of b's replicas lightens ...
+        lighter = load[None, :] + holds * delta[:, None] / speed[None, :]
+        lighter[holds == 0] = -np.inf
+        lighter[:, d] = -np.inf
+        b_side = lighter.max(1)  # ... on every container holding b (d apart): [experts]
+        okb0 = (holds[:, d] < cap[:, d]) & (node_holds[:, cont_node[d]] < node_cap[:, cont_node[d]])
+        for i in np.unique(x, return_index=True)[1]:
+            a = x[i]
+            if (cnt[a] < 2 or w[a] / (cnt[a] - 1) > heavy
+                    or (pinned[a] and home[a] == cont_node[d] and holds[a, d] == 1)):
+                continue
+            grow = (w[a] / (cnt[a] - 1) - rl[a]) / speed  # per replica of a that stays
+            on_a = np.flatnonzero(holds[a] > 0)
+            on_a = on_a[on_a != d]
+            a_side = (load[on_a] + holds[a, on_a] * grow[on_a])[None, :] + holds[:, on_a] * delta[:, None] / speed[on_a]
+            new_d = (top + ((holds[a, d] - 1) * (w[a] / (cnt[a] - 1)) - holds[a, d] * rl[a]) / speed[d]
+                     + (holds[:, d] * delta + w / (cnt + 1)) / speed[d])
+            sc = np.maximum(np.maximum(new_d, b_side), a_side.max(1) if len(on_a) else -np.inf)
+            okb = okb0 & (sc < top - tol)
+            okb[a] = False
+            g = np.where(okb, (top - sc) / mean - new_pay[:, d] + new_pay[a, d], -np.inf)
+            b = int(np.argmax(g))
+            if g[b] > best[0]:
+                best = (g[b], "point", i, b)
+        if not best[0] > _TOL:
+            break
+        _, kind, i, j = best
+        a, s = x[i], mine[i]
+        if kind == "swap":
+            b, dj_ = flat[j], dev[j]
+            flat[s], flat[j] = b, a
+            holds[a, d] -= 1
+            holds[b, d] += 1
+            holds[b, dj_] -= 1
+            holds[a, dj_] += 1
+            node_holds[[a, b], [cont_node[d], cont_node[d]]] += [-1, 1]
+            node_holds[[b, a], [cont_node[dj_], cont_node[dj_]]] += [-1, 1]
+        else:
+            flat[s] = j
+            holds[a, d] -= 1
+            holds[j, d] += 1
+            node_holds[[a, j], [cont_node[d], cont_node[d]]] += [-1, 1]
+            cnt[a] -= 1
+            cnt[j] += 1
+    return slots
+
+
+def _imbalance_1(w: np.ndarray, slots: np.ndarray, shape: _Shape) -> float:
+    cnt = np.bincount(slots.reshape(-1), minlength=shape.num_experts)
+    dev_load = (w / np.maximum(cnt, 1))[slots].sum(1) / shape.speed
+    mean = w.sum() / shape.speed.sum()
+    return float(dev_load.max() / mean) if mean > 0 else 1.0
+
+
+def _moved(slots: np.ndarray, prev_slots: np.ndarray, num_experts: int) -> int:
+    """Replicas placed on a device that did not hold that expert before."""
+    num_devices = slots.shape[0]
+    before = np.zeros((num_experts, num_devices), dtype=bool)
+    before[prev_slots, np.arange(num_devices)[:, None]] = True
+    return int((~before[slots, np.arange(num_devices)[:, None]]).sum())
+
+
+def _distinct(slots: np.ndarray) -> bool:
+    s = np.sort(slots, axis=1)
+    return bool((s[:, 1:] != s[:, :-1]).all())
+
+
+def _align(slots: np.ndarray, prev_slots: np.ndarray, shape: _Shape) -> np.ndarray:
+    """Relabel a plan's devices inside each node (among devices of equal speed) so that it keeps as
+    many replicas where the previous plan had them as a greedy matching finds. Homes are already
+    the previous plan's, so nodes keep their labels."""
+    per_node = shape.num_devices // shape.num_nodes
+    out = slots.copy()
+    for n in range(shape.num_nodes):
+        devs = np.arange(n * per_node, (n + 1) * per_node)
+        overlap = np.array([[np.isin(slots[a], prev_slots[b]).sum() for b in devs] for a in devs], dtype=float)
+        overlap[shape.speed[devs][:, None] != shape.speed[devs][None, :]] = -1.0
+        free_new, free_old = set(range(per_node)), set(range(per_node))
+        for flat_idx in np.argsort(-overlap, axis=None, kind="stable"):
+            a, b = divmod(int(flat_idx), per_node)
+            if a in free_new and b in free_old and overlap[a, b] >= 0:
+                out[devs[b]] = slots[devs[a]]
+                free_new.discard(a)
+                free_old.discard(b)
+    return out
+
+
+def choose_replicas(indices: torch.Tensor, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, *,
+                    num_groups: int, num_nodes: int, num_devices: int) -> torch.Tensor:
+    """Pick for every (token, expert) one physical replica on a node the token already reaches.
+
+    indices: [tokens, top_k] logical experts of one layer; phy2log [num_replicas], log2phy [experts,
+    max replicas], logcnt [experts] that layer's placement. Returns phys [tokens, top_k] int64.
+
+    A token's home-node set is {home(g) : g a group of its experts} (``group_home_nodes``). A pair's
+    eligible replicas are those of its expert on that set -- the home replica always is -- or all of
+    them when the expert's group has no home (no node limit to keep). The rule: pairs are grouped by
+    (expert, eligible set); per expert the groups are taken most constrained first (fewest eligible
+    replicas, then in replica order) and water-filled onto their eligible replicas, so that the
+    replicas' token counts end as equal as the eligibility allows. Inside a group the pairs are
+    ordered by a fixed multiplicative hash of the token index, so that consecutive tokens (one
+    source rank's) spread over the replicas. Deterministic; vectorised except a loop over groups.
+    """
+    if indices.dim() != 2:
+        raise ValueError(f"indices: shape {tuple(indices.shape)}; expected [tokens, top_k]")
+    num_replicas = phy2log.shape[0]
+    per_device = num_replicas // num_devices
+    home = group_home_nodes(phy2log[None], num_groups, num_nodes, num_devices)[0].numpy()
+    e = indices.reshape(-1).cpu().numpy()
+    num_tokens, top_k = indices.shape
+    num_experts = logcnt.shape[0]
+    if e.size and (e.min() < 0 or e.max() >= num_experts):
+        raise ValueError(f"indices: expert ids must be in 0..{num_experts - 1}")
+    tok = np.repeat(np.arange(num_tokens), top_k)
+    pair_home = home[e // (num_experts // num_groups)]
+    reach = np.zeros((num_tokens, num_nodes), dtype=bool)
+    reach[tok[pair_home >= 0], pair_home[pair_home >= 0]] = True
+    reps = log2phy.cpu().numpy()[e]  # [pairs, max replicas]
+    rep_node = np.where(reps >= 0, reps, 0) // per_device // (num_devices // num_nodes)
+    elig = (reps >= 0) & ((pair_home < 0)[:, None] | reach[tok[:, None], rep_node])
+    # group pairs by (expert, eligible set), most constrained first, hashed token order inside
+    size = elig.sum(1)
+    spread = (tok.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1 << 32)
+    order = np.lexsort((spread, *elig.T[::-1], size, e))
+    es, el = e[order], elig[order]
+    starts = np.flatnonzero(np.r_[True, (es[1:] != es[:-1]) | (el[1:] != el[:-1]).any(1)])
+    ends = np.r_[starts[1:], len(order)]
+    choice = np.empty(len(order), dtype=np.int64)
+    level = np.zeros(reps.shape[1], dtype=np.int64)
+    for k, (lo, hi) in enumerate(zip(starts, ends)):
+        if k == 0 or es[lo] != es[lo - 1]:
+            level[:] = 0  # a new expert
+        cols = np.flatnonzero(el[lo])
+        add = _water_fill(level[cols], hi - lo)
+        level[cols] += add
+        choice[lo:hi] = np.repeat(cols, add)
+    phys = np.empty(len(order), dtype=np.int64)
+    phys[order] = reps[order, choice]
+    return torch.from_numpy(phys.reshape(num_tokens, top_k))
+
+
+def _water_fill(level: np.ndarray, units: int) -> np.ndarray:
+    """Integer amounts to add to ``level`` (summing to ``units``) that minimise the largest result;
+    ties go to the earlier entries."""
+    order = np.argsort(level, kind="stable")
+    s = level[order]
+    m = len(s)
+    k = m  # how many of the lowest entries the water reaches
+    for j in range(1, m):
+        if j * s[j] - s[:j].sum() >= units:
+            k = j
+            break
+    total = units + s[:k].sum()
+    base, extra = divmod(int(total), k)
+    add = np.zeros(m, dtype=np.int64)
+    add[:k] = base - s[:k]
+    add[:extra] += 1
+    out = np.empty(m, dtype=np.int64)
+    out[order] = add
+    return out

@@ -1,4 +1,4 @@
-"""Transport checks on 4 ranks in one launch (each check is a function; all must pass).
+"""Transport checks on 2-8 ranks in one launch (each check is a function; all must pass).
 
 Run: python -m launch.local -n 4 tests.mpi.transport_checks
 """
@@ -6,11 +6,13 @@ Run: python -m launch.local -n 4 tests.mpi.transport_checks
 from __future__ import annotations
 
 import sys
+from collections import deque
 
 import torch
 from mpi4py import MPI
 
-from runtime.envelope import DTYPES, INLINE_MAX, tensor_bytes
+from runtime.channels import SMALL_MAX
+from runtime.envelope import DTYPES, INLINE_MAX, EnvelopeError, tensor_bytes
 from runtime.transport import Transport, TransportConfig
 
 comm = MPI.COMM_WORLD
@@ -119,7 +121,127 @@ def mixed_dtypes() -> None:
             assert (tensor_bytes(got) == tensor_bytes(t)).all(), (h.header, got.reshape(-1)[:6], t.reshape(-1)[:6])
 
 
-CHECKS = [ping_pong, ring, many_small_in_order, many_large_outstanding, mixed_dtypes]
+def _hold_and_check(ch, num_mb: int, lag: int, early: bool) -> bool:
+    """Receive ``num_mb`` microbatches on ``ch`` (microbatch i is filled with i), holding each
+    received tensor until ``lag`` more have arrived, as a stage holds its input until B; ``early``
+    releases every buffer right after arrival instead. Returns whether a held tensor changed."""
+    ops, held, corrupted = {}, deque(), False
+    next_mb = 0
+    while next_mb < num_mb and ch.free_slots:
+        ops[next_mb] = ch.post(mb=next_mb)
+        next_mb += 1
+    for i in range(num_mb):
+        op = ops.pop(i)
+        held.append((i, op, ch.wait(op)))
+        if early:
+            ch.release(op)
+        while len(held) > lag or (i == num_mb - 1 and held):
+            j, op_j, t = held.popleft()
+            for later in list(ops.values()):  # whatever was posted into a reused buffer lands first
+                ch.wait(later)
+            corrupted |= not bool((t == j).all())
+            if not early:
+                ch.release(op_j)
+        while next_mb < num_mb and ch.free_slots:
+            ops[next_mb] = ch.post(mb=next_mb)
+            next_mb += 1
+    return corrupted
+
+
+def channel_ring() -> None:
+    """Schedule-known channel 0 -> 1, one message (<= SMALL_MAX) and two-message (larger) sizes:
+    rank 1 holds every received tensor while 2 more arrive, with a ring of 3 buffers, and each is
+    intact when released (a ring that reused a buffer before its release would overwrite it);
+    a deliberate early release on the same stream is seen as corruption (the check can fail)."""
+    if rank > 1:
+        return
+    num_mb = 10
+    for c, numel in enumerate((3, SMALL_MAX // 4 + 5)):
+        for early in (False, True):
+            chan = 10 + 2 * c + early
+            if rank == 0:
+                out = tp.send_channel(1, chan, shape=(numel,), dtype=torch.float32, kind="act", dir=1)
+                for mb in range(num_mb):
+                    out.send(torch.full((numel,), float(mb)), mb=mb, chunk=1)
+                tp.flush()
+            else:
+                ch = tp.recv_channel(0, chan, shape=(numel,), dtype=torch.float32, kind="act", dir=1, ring=3)
+                assert _hold_and_check(ch, num_mb, lag=2, early=early) == early, (numel, early)
+                assert len(ch.free_slots) == 3
+        if rank == 0:
+            tp.send_channel(1, 30 + c, shape=(numel,), dtype=torch.float32).send(torch.ones(numel), mb=0)
+            tp.flush()
+        else:  # every buffer held: posting one more is an error, not a silent reuse
+            ch = tp.recv_channel(0, 30 + c, shape=(numel,), dtype=torch.float32, ring=1)
+            op = ch.post(mb=0)
+            ch.wait(op)
+            try:
+                ch.post(mb=1)
+                raise AssertionError("a full ring accepted a post")
+            except RuntimeError as exc:
+                assert "all 1 ring buffers are held" in str(exc), exc
+            ch.release(op)
+
+
+def channel_crossed() -> None:
+    """Rank 0 sends microbatch 1 before 0 on a channel that rank 1 reads as 0 then 1: both receives
+    fail naming sender, channel and field 'mb'; a message of the wrong size fails naming 'nbytes'."""
+    if rank > 1:
+        return
+    for c, numel in enumerate((2, SMALL_MAX // 4 + 1)):
+        chan = 40 + c
+        if rank == 0:
+            out = tp.send_channel(1, chan, shape=(numel,), dtype=torch.float32, kind="grad")
+            out.send(torch.ones(numel), mb=1)
+            out.send(torch.zeros(numel), mb=0)
+            short = tp.send_channel(1, 50 + c, shape=(numel - 1,), dtype=torch.float32)
+            short.send(torch.ones(numel - 1), mb=0)
+            tp.flush()
+        else:
+            ch = tp.recv_channel(0, chan, shape=(numel,), dtype=torch.float32, kind="grad", ring=2)
+            ops = [ch.post(mb=0), ch.post(mb=1)]
+            for want, got, op in ((0, 1, ops[0]), (1, 0, ops[1])):
+                try:
+                    ch.wait(op)
+                    raise AssertionError("crossed microbatches were accepted")
+                except EnvelopeError as exc:
+                    assert f"rank 0 channel {chan} (grad dir 0)" in str(exc) and \
+                        f"field 'mb' is {got}, expected {want}" in str(exc), exc
+            bad = tp.recv_channel(0, 50 + c, shape=(numel,), dtype=torch.float32, ring=1)
+            op = bad.post(mb=0)
+            try:
+                bad.wait(op)
+                raise AssertionError("a short message was accepted")
+            except EnvelopeError as exc:
+                # one message of the wrong length is named by its trailer check; a message sent as
+                # payload + trailer but expected as one (the sizes straddle SMALL_MAX) by MPI
+                assert (f"rank 0 channel {50 + c}" in str(exc) and "field 'nbytes'" in str(exc)) or \
+                    ("larger than its posted receive" in str(exc) and f"'channel': {50 + c}" in str(exc)), exc
+            tp.engine.untrack(op)  # the run would end here; this check goes on, so forget the failed receive
+
+
+def recv_seq_stamped_at_post() -> None:
+    """Two receives posted on one stream, the second header completed first (completion order is
+    not matching order): each must be checked against the sequence number it was posted with."""
+    if rank > 1:
+        return
+    if rank == 0:
+        for i in range(2):
+            tp.isend(1, torch.tensor([float(i)]), channel=60, mb=i)
+        tp.flush()
+    else:
+        first, second = tp.irecv(0, channel=60, expect={"mb": 0}), tp.irecv(0, channel=60, expect={"mb": 1})
+        eng = tp.engine
+        i = next(k for k, (op, part) in enumerate(eng._owners) if op is second and part == 0)
+        status = MPI.Status()
+        eng._reqs[i].Wait(status)  # complete the second header before the first one is looked at
+        del eng._reqs[i], eng._owners[i]
+        second._part_done(0, status)
+        assert tp.wait(first).item() == 0.0 and tp.wait(second).item() == 1.0
+
+
+CHECKS = [ping_pong, ring, many_small_in_order, many_large_outstanding, mixed_dtypes, channel_ring,
+          channel_crossed, recv_seq_stamped_at_post]
 
 if __name__ == "__main__":
     only = sys.argv[1:] or [c.__name__ for c in CHECKS]

@@ -1,0 +1,294 @@
+"""Schedule-known channels: header-less tensor streams whose shape, dtype and order both ends know.
+
+Pipeline activations and gradients and DualPipe's mirror-gradient exchange are planned: before
+anything moves, both ranks know the kind, direction, shape and dtype of every message on a
+channel and the order of the microbatches. So nothing is encoded or decoded per message:
+
+* the sender posts the tensor's memory as it is (``Isend``, no copy) and a 16-byte **trailer**
+  (``seq``, ``mb``, ``channel``, ``kind``, ``dir``, ``chunk``, a magic byte) as a second message;
+  a payload of at most :data:`SMALL_MAX` bytes is copied into one message with its trailer
+  (one MPI message on the latency-bound path);
+* the receiver owns a **ring** of receive buffers, each with persistent requests
+  (``Recv_init``) made once; :meth:`RecvChannel.post` takes a free buffer and ``Start``\\ s its
+  requests. A received tensor is a view of its buffer: it may become an autograd leaf whose
+  storage the backward still reads, so a buffer returns to the ring only through
+  :meth:`RecvChannel.release` (the stage actor releases after that microbatch's last B / W), and
+  posting with every buffer held is an error, never a silent reuse;
+* every completed receive checks its trailer against what the receive expected when it was
+  posted (its sequence number on the channel, microbatch, channel, kind, direction) and the byte
+  count: two same-sized messages crossed, a lost message or a wrong-sized one is an
+  :class:`~runtime.envelope.EnvelopeError` naming sender, channel and field.
+
+The MPI tags of channel ``c`` are separate from the dynamic queues' (see
+:meth:`Transport.channel_tag`); requests go on the transport's progress engine, so progress,
+waits, deadlines and the pending-operation report cover channels too.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from mpi4py import MPI
+
+from runtime import spans
+from runtime.envelope import INLINE_MAX, KINDS, EnvelopeError, itemsize
+
+if TYPE_CHECKING:
+    from runtime.transport import Transport
+
+__all__ = ["SendChannel", "RecvChannel", "ChannelSend", "ChannelRecv", "TRAILER", "SMALL_MAX"]
+
+TRAILER = struct.Struct("<iiHBBBBxx")
+"""seq, mb, channel, kind code, dir, chunk, magic; 16 bytes after (or beside) every payload."""
+_MAGIC = 0xA5
+SMALL_MAX = INLINE_MAX
+"""Payloads up to this many bytes travel in one message together with their trailer."""
+_KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+
+
+def _wire(t: torch.Tensor) -> MPI.buffer:
+    return MPI.buffer.fromaddress(t.data_ptr(), t.nbytes)
+
+
+class _Channel:
+    __slots__ = ("tp", "peer", "channel", "shape", "dtype", "kind", "dir", "nbytes", "tag", "seq", "small",
+                 "sends_open")
+
+    def __init__(self, tp: Transport, peer: int, channel: int, *, shape, dtype, kind: str, dir: int):
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
+        if not 0 <= dir < 256:
+            raise ValueError(f"dir={dir}: must be in 0..255")
+        self.tp = tp
+        self.peer = peer
+        self.channel = channel
+        self.tag = tp.channel_tag(peer, channel)
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.kind = kind
+        self.dir = dir
+        self.nbytes = math.prod(self.shape) * itemsize(dtype)
+        self.small = self.nbytes <= SMALL_MAX
+        self.seq = 0
+        self.sends_open = 0
+
+    def _where(self, seq: int) -> str:
+        return f"rank {self.peer} channel {self.channel} ({self.kind} dir {self.dir}) seq {seq}"
+
+
+class ChannelSend:
+    """One message in flight on a :class:`SendChannel`; ``done`` once MPI no longer reads its memory."""
+
+    __slots__ = ("ch", "mb", "chunk", "seq", "open", "keep", "t_post")
+
+    def __init__(self, ch: SendChannel, mb: int, chunk: int, seq: int, keep: tuple):
+        self.ch, self.mb, self.chunk, self.seq, self.keep = ch, mb, chunk, seq, keep
+        self.open = 0
+        self.t_post = time.monotonic_ns()
+
+    @property
+    def done(self) -> bool:
+        return self.open == 0
+
+    def _part_done(self, part: int, status: MPI.Status) -> None:
+        self.open -= 1
+        if self.open == 0:
+            self.ch._done(self)
+
+    def describe(self) -> dict:
+        ch = self.ch
+        return {"op": "send", "peer": ch.peer, "channel": ch.channel, "kind": ch.kind, "mb": self.mb,
+                "dir": ch.dir, "chunk": self.chunk, "seq": self.seq, "nbytes": ch.nbytes, "state": "posted",
+                "age_s": round((time.monotonic_ns() - self.t_post) / 1e9, 3)}
+
+
+class SendChannel(_Channel):
+    """Sending end of a schedule-known channel (make it with :meth:`Transport.send_channel`)."""
+
+    __slots__ = ()
+
+    def send(self, tensor: torch.Tensor, *, mb: int, chunk: int = 0) -> ChannelSend:
+        """Post ``tensor`` (exactly the channel's shape and dtype) as microbatch ``mb``; returns at once.
+
+        The tensor must not be modified until the returned operation is done (sent in place).
+        """
+        if tensor.dtype != self.dtype or tuple(tensor.shape) != self.shape or not tensor.is_cpu:
+            raise ValueError(f"send on channel {self.channel} to rank {self.peer}: tensor {tuple(tensor.shape)} "
+                             f"{tensor.dtype} on {tensor.device}, the channel carries {self.shape} {self.dtype} on cpu")
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        seq = self.seq
+        self.seq = seq + 1
+        trailer = TRAILER.pack(seq, mb, self.channel, _KIND_CODE[self.kind], self.dir, chunk, _MAGIC)
+        tp = self.tp
+        comm, engine = tp.comm, tp.engine
+        if self.small:
+            msg = bytes(_wire(tensor)) + trailer
+            op = ChannelSend(self, mb, chunk, seq, (msg,))
+            engine.add(comm.Isend([msg, MPI.BYTE], self.peer, self.tag), op, 0)
+            op.open = 1
+        else:
+            op = ChannelSend(self, mb, chunk, seq, (tensor, trailer))
+            engine.add(comm.Isend([_wire(tensor), MPI.BYTE], self.peer, self.tag), op, 0)
+            engine.add(comm.Isend([trailer, MPI.BYTE], self.peer, self.tag + 1), op, 1)
+            op.open = 2
+        self.sends_open += 1
+        engine.track(op)
+        return op
+
+    def wait(self, op: ChannelSend, timeout: float | None = None) -> None:
+        """Block until MPI no longer reads ``op``'s tensor (it may then be modified)."""
+        if not op.done:
+            self.tp.engine.wait(lambda: op.done, lambda: f"rank {self.tp.rank}: send to rank {self.peer} channel "
+                                f"{self.channel} mb {op.mb} was not received", timeout)
+
+    def _done(self, op: ChannelSend) -> None:
+        op.keep = ()
+        self.sends_open -= 1
+        tp = self.tp
+        tp.engine.untrack(op)
+        if tp._on_span is not None:
+            tp._on_span(spans.SEND, op.t_post, time.monotonic_ns(), peer=self.peer, channel=self.channel,
+                        kind=self.kind, mb=op.mb, chunk=op.chunk, dir=self.dir, nbytes=self.nbytes, seq=op.seq)
+
+    def free(self) -> None:
+        """Nothing to release on the sending side (its requests are not persistent)."""
+
+
+class _Slot:
+    """One receive buffer of a ring: ``[nbytes + trailer]`` bytes and its persistent requests."""
+
+    __slots__ = ("buf", "tensor", "trailer", "reqs", "held")
+
+    def __init__(self, ch: RecvChannel):
+        self.buf = torch.empty(ch.nbytes + TRAILER.size, dtype=torch.uint8)
+        self.tensor = self.buf[: ch.nbytes].view(ch.dtype).view(ch.shape)
+        self.trailer = memoryview(self.buf.numpy())[ch.nbytes:]
+        comm = ch.tp.comm
+        if ch.small:
+            self.reqs = (comm.Recv_init([_wire(self.buf), MPI.BYTE], ch.peer, ch.tag),)
+        else:
+            self.reqs = (comm.Recv_init([_wire(self.tensor), MPI.BYTE], ch.peer, ch.tag),
+                         comm.Recv_init([MPI.buffer.fromaddress(self.buf.data_ptr() + ch.nbytes, TRAILER.size),
+                                         MPI.BYTE], ch.peer, ch.tag + 1))
+        self.held = False
+
+
+class ChannelRecv:
+    """A receive posted on a :class:`RecvChannel`; ``tensor`` (a view of a ring buffer) once ``done``."""
+
+    __slots__ = ("ch", "slot", "mb", "seq", "open", "t_post", "chunk", "released")
+
+    def __init__(self, ch: RecvChannel, slot: _Slot, mb: int, seq: int):
+        self.ch, self.slot, self.mb, self.seq = ch, slot, mb, seq
+        self.open = 0
+        self.chunk = -1  # the sender's chunk, from the trailer
+        self.released = False
+        self.t_post = time.monotonic_ns()
+
+    @property
+    def done(self) -> bool:
+        return self.open == 0
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.slot.tensor
+
+    def _part_done(self, part: int, status: MPI.Status) -> None:
+        count = status.Get_count(MPI.BYTE)
+        ch = self.ch
+        want = (ch.nbytes + TRAILER.size if ch.small else ch.nbytes) if part == 0 else TRAILER.size
+        self.open -= 1
+        if count != want:
+            ch.tp.engine.untrack(self)
+            raise EnvelopeError(f"message from {ch._where(self.seq)}: field 'nbytes' is "
+                                f"{count - (TRAILER.size if ch.small and part == 0 else 0)}, expected "
+                                f"{ch.nbytes if part == 0 else TRAILER.size} ({'payload' if part == 0 else 'trailer'})")
+        if self.open == 0:
+            ch._done(self)
+
+    def describe(self) -> dict:
+        ch = self.ch
+        return {"op": "recv", "peer": ch.peer, "channel": ch.channel, "kind": ch.kind, "mb": self.mb,
+                "dir": ch.dir, "chunk": None, "seq": self.seq, "nbytes": ch.nbytes, "state": "posted",
+                "age_s": round((time.monotonic_ns() - self.t_post) / 1e9, 3)}
+
+
+class RecvChannel(_Channel):
+    """Receiving end of a schedule-known channel with a ring of ``ring`` reusable buffers
+    (make it with :meth:`Transport.recv_channel`)."""
+
+    __slots__ = ("slots", "free_slots")
+
+    def __init__(self, tp: Transport, peer: int, channel: int, *, shape, dtype, kind: str = "data", dir: int = 0,
+                 ring: int = 2):
+        super().__init__(tp, peer, channel, shape=shape, dtype=dtype, kind=kind, dir=dir)
+        if ring < 1:
+            raise ValueError(f"ring={ring}: a receive channel needs at least one buffer")
+        self.slots = [_Slot(self) for _ in range(ring)]
+        self.free_slots = list(reversed(self.slots))
+
+    def post(self, *, mb: int) -> ChannelRecv:
+        """Post the receive of the channel's next message, which must be microbatch ``mb``."""
+        if not self.free_slots:
+            held = [s for s in self.slots if s.held]
+            raise RuntimeError(f"receive channel {self.channel} from rank {self.peer} ({self.kind} dir {self.dir}): all "
+                               f"{len(self.slots)} ring buffers are held ({len(held)} not released) when posting mb {mb}: "
+                               f"release received tensors once they are no longer read, or make the ring larger")
+        slot = self.free_slots.pop()
+        slot.held = True
+        seq = self.seq
+        self.seq = seq + 1
+        op = ChannelRecv(self, slot, mb, seq)
+        engine = self.tp.engine
+        MPI.Prequest.Startall(list(slot.reqs)) if len(slot.reqs) > 1 else slot.reqs[0].Start()
+        for part, req in enumerate(slot.reqs):
+            engine.add(req, op, part)
+        op.open = len(slot.reqs)
+        engine.track(op)
+        return op
+
+    def wait(self, op: ChannelRecv, timeout: float | None = None) -> torch.Tensor:
+        """Block until ``op`` has landed (and passed its checks); returns its tensor (a ring buffer view)."""
+        if not op.done:
+            self.tp.engine.wait(lambda: op.done, lambda: f"rank {self.tp.rank}: receive from {self._where(op.seq)} "
+                                f"mb {op.mb} got nothing", timeout)
+        return op.slot.tensor
+
+    def release(self, op: ChannelRecv) -> None:
+        """Return ``op``'s buffer to the ring: nothing may read its tensor afterwards."""
+        if not op.done or op.released:
+            raise RuntimeError(f"release of mb {op.mb} on receive channel {self.channel} from rank {self.peer}: "
+                               f"{'already released' if op.released else 'still in flight'}")
+        op.released = True
+        op.slot.held = False
+        self.free_slots.append(op.slot)
+
+    def _done(self, op: ChannelRecv) -> None:
+        tp = self.tp
+        tp.engine.untrack(op)
+        seq, mb, channel, kind, dir, chunk, magic = TRAILER.unpack_from(op.slot.trailer)
+        if (seq, mb, channel, kind, dir, magic) != (op.seq, op.mb, self.channel, _KIND_CODE[self.kind], self.dir, _MAGIC):
+            for field, got, want in (("magic", magic, _MAGIC), ("channel", channel, self.channel),
+                                     ("kind", kind, _KIND_CODE[self.kind]), ("dir", dir, self.dir),
+                                     ("seq", seq, op.seq), ("mb", mb, op.mb)):
+                if got != want:
+                    if field == "kind":
+                        got, want = KINDS[got] if got < len(KINDS) else got, self.kind
+                    raise EnvelopeError(f"message from {self._where(op.seq)}: field {field!r} is {got!r}, "
+                                        f"expected {want!r}" + (" (lost or crossed message)" if field in ("seq", "mb") else ""))
+        op.chunk = chunk
+        if tp._on_span is not None:
+            tp._on_span(spans.RECV, op.t_post, time.monotonic_ns(), peer=self.peer, channel=self.channel,
+                        kind=self.kind, mb=mb, chunk=chunk, dir=self.dir, nbytes=self.nbytes, seq=seq)
+
+    def free(self) -> None:
+        """Free the persistent requests (after the engine cancelled any still active)."""
+        for slot in self.slots:
+            for req in slot.reqs:
+                req.Free()
+        self.slots, self.free_slots = [], []

@@ -6,6 +6,12 @@ one there), then ``PATH``. More ranks than cores is allowed (small machines): MP
 permits it as is, Open MPI gets ``--oversubscribe``. Every rank runs under ``python -m mpi4py`` so
 that an uncaught exception on any rank aborts all of them instead of leaving peers waiting. A
 ``--timeout`` kills the whole process group and fails, so a hung job never hangs its caller.
+
+Modules that send heartbeats (``launch.train``; ``--supervise`` for others) run under a
+:class:`~launch.supervisor.Supervisor` in this process: it names a rank that fails, dies, freezes
+or stops making progress within seconds, with its role and what the others were waiting for, and
+ends the job (exit 3). Under supervision MPICH's automatic clean-up is turned off, so that when one
+rank dies the others stay up long enough to report; the supervisor ends them.
 """
 
 from __future__ import annotations
@@ -16,11 +22,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from launch import collector
+from launch.supervisor import EXIT_CODE, Supervisor, SupervisorConfig
 
-__all__ = ["find_mpiexec", "mpi_flavor", "mpiexec_argv", "run_local", "LaunchTimeout", "main"]
+__all__ = ["find_mpiexec", "mpi_flavor", "mpiexec_argv", "run_local", "LaunchTimeout", "main", "SUPERVISED_MODULES"]
+
+SUPERVISED_MODULES = ("launch.train",)
+"""Entry modules whose ranks send heartbeats: supervised by default."""
+_FAILED_GRACE_S = 3.0
+"""After a rank reports an exception it aborts the job itself; this long is left for its own report."""
 
 
 class LaunchTimeout(RuntimeError):
@@ -63,27 +77,34 @@ def mpi_flavor(mpiexec: str) -> str:
 
 
 def mpiexec_argv(n: int, module: str, args: list[str] | None = None, *, mpiexec: str | None = None,
-                 python: str = sys.executable) -> list[str]:
-    """The command line that runs ``python -m module args`` on ``n`` local ranks."""
+                 python: str = sys.executable, supervised: bool = False) -> list[str]:
+    """The command line that runs ``python -m module args`` on ``n`` local ranks (``supervised``:
+    MPICH keeps the other ranks running when one dies, for the supervisor to question)."""
     if n < 1:
         raise ValueError(f"n={n}: need at least one rank")
     exe = find_mpiexec(mpiexec)
-    extra = ["--oversubscribe"] if mpi_flavor(exe) == "openmpi" else []
+    flavor = mpi_flavor(exe)
+    extra = ["--oversubscribe"] if flavor == "openmpi" else []
+    if supervised and flavor == "mpich":
+        extra.append("-disable-auto-cleanup")
     return [exe, "-n", str(n), *extra, python, "-m", "mpi4py", "-m", module, *(args or [])]
 
 
 def run_local(n: int, module: str, args: list[str] | None = None, *, timeout: float | None = None,
               env: dict | None = None, capture: bool = False, mpiexec: str | None = None,
-              cwd: str | None = None) -> subprocess.CompletedProcess:
+              cwd: str | None = None, supervise: SupervisorConfig | None = None) -> subprocess.CompletedProcess:
     """Run the job and wait; raises :class:`LaunchTimeout` after killing it if it outlives ``timeout``.
 
-    With ``capture`` stdout and stderr are merged into ``result.stdout`` (text).
+    With ``capture`` stdout and stderr are merged into ``result.stdout`` (text). With ``supervise``
+    the job runs under a :class:`~launch.supervisor.Supervisor` with those deadlines (the module
+    must send heartbeats); its report is printed to stderr (and added to the captured output) and
+    a job it ended returns :data:`~launch.supervisor.EXIT_CODE`.
     """
+    if supervise is not None:
+        return _run_supervised(n, module, args, timeout=timeout, env=env, capture=capture, mpiexec=mpiexec,
+                               cwd=cwd, config=supervise)
     argv = mpiexec_argv(n, module, args, mpiexec=mpiexec)
-    full_env = {**os.environ, **(env or {})}
-    # Ranks must find the project's packages wherever the caller runs from.
-    root = str(Path(__file__).resolve().parent.parent)
-    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, full_env.get("PYTHONPATH")]))
+    full_env = _project_env(env)
     out = subprocess.PIPE if capture else None
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if capture else None, text=True,
                             env=full_env, cwd=cwd, start_new_session=True)
@@ -98,6 +119,83 @@ def run_local(n: int, module: str, args: list[str] | None = None, *, timeout: fl
         proc.wait()
         raise
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, None)
+
+
+def _project_env(env: dict | None) -> dict:
+    full_env = {**os.environ, **(env or {})}
+    # Ranks must find the project's packages wherever the caller runs from.
+    root = str(Path(__file__).resolve().parent.parent)
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, full_env.get("PYTHONPATH")]))
+    return full_env
+
+
+def _run_supervised(n: int, module: str, args: list[str] | None, *, timeout: float | None, env: dict | None,
+                    capture: bool, mpiexec: str | None, cwd: str | None,
+                    config: SupervisorConfig) -> subprocess.CompletedProcess:
+    sup = Supervisor(n, config)
+    argv = mpiexec_argv(n, module, args, mpiexec=mpiexec, supervised=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture else None,
+                            stderr=subprocess.STDOUT if capture else None, text=True,
+                            env={**_project_env(env), **sup.env()}, cwd=cwd, start_new_session=True)
+    chunks: list[str] = []
+    reader = None
+    if capture:  # drain the pipe while supervising, or a chatty job blocks on a full pipe
+        reader = threading.Thread(target=lambda: chunks.extend(iter(proc.stdout.readline, "")), daemon=True)
+        reader.start()
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+        if capture:
+            chunks.append(text + "\n")
+
+    t_end = None if timeout is None else time.monotonic() + timeout
+    printed = 0
+    try:
+        while True:
+            sup.receive(config.heartbeat_s / 10)
+            rc = proc.poll()
+            verdict = sup.check()
+            for note in sup.notes[printed:]:
+                say(note)
+            printed = len(sup.notes)
+            if verdict is not None:
+                if verdict["verdict"] == "failed":  # it aborts the job itself, with its own report
+                    try:
+                        proc.wait(_FAILED_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        pass
+                path = sup.write_report(verdict)
+                say(verdict["text"] + (f"\n  full report: {path}" if path else ""))
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait()
+                say(f"supervisor: verdict at unix time {verdict['t_wall']:.3f}, {verdict['since_start_s']:.1f} s "
+                    f"after launch; job ended")
+                rc = EXIT_CODE if rc <= 0 else rc
+                break
+            if rc is not None:
+                sup.receive(0.2)  # a rank that raised may have reported just before the end
+                verdict = sup.check() if rc else None
+                if verdict is not None and verdict["verdict"] == "failed":
+                    path = sup.write_report(verdict)
+                    say(verdict["text"] + (f"\n  full report: {path}" if path else ""))
+                break
+            if t_end is not None and time.monotonic() > t_end:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                if reader is not None:
+                    reader.join(5)
+                raise LaunchTimeout(f"{' '.join(argv)} ran past {timeout} s and was killed", "".join(chunks))
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
+    finally:
+        sup.close()
+    if reader is not None:
+        reader.join(5)
+    return subprocess.CompletedProcess(argv, rc, "".join(chunks) if capture else None, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,16 +213,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true",
                         help="do not start the telemetry collector that prints the live progress line (then rank 0 "
                              "of launch.train prints its own step lines)")
+    parser.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"run under the supervisor (default: on for {', '.join(SUPERVISED_MODULES)}, whose "
+                             f"ranks send heartbeats)")
+    defaults = SupervisorConfig()
+    parser.add_argument("--heartbeat-s", type=float, default=defaults.heartbeat_s,
+                        help=f"seconds between a rank's heartbeats (default {defaults.heartbeat_s:g})")
+    parser.add_argument("--liveness-s", type=float, default=defaults.liveness_s,
+                        help=f"a rank with no heartbeat for this long is named (default {defaults.liveness_s:g})")
+    parser.add_argument("--progress-s", type=float, default=defaults.progress_s,
+                        help=f"a rank whose schedule has not advanced for this long is named (default "
+                             f"{defaults.progress_s:g})")
+    parser.add_argument("--startup-s", type=float, default=defaults.startup_s,
+                        help=f"grace for start-up and the first step (default {defaults.startup_s:g})")
     parser.add_argument("module", help="Python module every rank runs, e.g. launch.train or launch.ring")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the module")
     ns = parser.parse_args(argv)
+    supervise = ns.module in SUPERVISED_MODULES if ns.supervise is None else ns.supervise
     if ns.dry_run:
-        print(" ".join(mpiexec_argv(ns.ranks, ns.module, ns.args, mpiexec=ns.mpiexec)))
+        print(" ".join(mpiexec_argv(ns.ranks, ns.module, ns.args, mpiexec=ns.mpiexec, supervised=supervise)))
         return 0
+    config = None
+    if supervise:
+        try:
+            config = SupervisorConfig(heartbeat_s=ns.heartbeat_s, liveness_s=ns.liveness_s,
+                                      progress_s=ns.progress_s, startup_s=ns.startup_s)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         with collector.running(enabled=not ns.no_progress) as telemetry_env:
             return run_local(ns.ranks, ns.module, ns.args, timeout=ns.timeout, mpiexec=ns.mpiexec,
-                             env=telemetry_env).returncode
+                             supervise=config, env=telemetry_env).returncode
     except LaunchTimeout as exc:
         print(f"launch.local: {exc}", file=sys.stderr)
         return 124

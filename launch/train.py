@@ -22,6 +22,7 @@ from actors.config import TrainConfig, from_dict, load_toml, resolve_precision
 from actors.data import SyntheticTokens, TokenFile
 from actors.pipeline import StageActor
 from actors.preflight import preflight
+from launch.supervisor import ENV_ADDRESS, ENV_HEARTBEAT
 from kernels import describe_backend
 from launch import collector
 from runtime import clock, log, spans
@@ -207,8 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     telemetry = Telemetry(telemetry_at) if telemetry_at else None
     actor = StageActor(schedule=schedule, model=m, optim=cfg.optim, data=data, micro_batch=cfg.pipeline.micro_batch,
                        seed=cfg.seed, program=_program(cfg, tokens_per_step, resume_from, telemetry), trace=cfg.trace)
+    address = os.environ.get(ENV_ADDRESS)
+    if address:  # started under launch.local's supervisor
+        actor.supervise(address, interval_s=float(os.environ.get(ENV_HEARTBEAT, "1")),
+                        log_dir=str(log.log_path(log_dir, run_id, 0).parent))
     results = actor.run()
     if telemetry is not None:
+        logger.info("telemetry", sent=telemetry.sent, dropped=telemetry.dropped)
         telemetry.close()
     if comm.rank == 0 and results:
         first = sum(results[0].losses) / len(results[0].losses)

@@ -6,6 +6,12 @@ exception escaping ``main`` (a bug, a receive past its deadline, a corrupt messa
 a value tagged with rank and host — error, traceback and every pending send/recv — to the rank's
 log and to stderr, and then the whole job is aborted with ``MPI_Abort``: peers blocked on this
 rank would otherwise wait forever.
+
+Each actor keeps a :class:`~runtime.flight.FlightRecorder` of its last queue operations and compute
+spans (dumped with the failure report) and a position — step, current action, a counter of actions
+done, the ranks it has receives open from — that :meth:`Actor.status` reports; with :meth:`Actor.supervise`
+a :class:`~runtime.heartbeat.Heartbeat` thread sends that status to the job's supervisor, which
+names a dead, frozen or stuck rank even when the rank itself cannot.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import traceback
 from mpi4py import MPI
 
 from runtime import log
+from runtime.flight import FlightRecorder
+from runtime.heartbeat import Heartbeat
 from runtime.transport import CommTimeout, Transport, TransportConfig
 
 __all__ = ["Actor", "failure_report", "abort_job"]
@@ -35,10 +43,13 @@ def failure_report(exc: BaseException, *, rank: int, role: str, pending: list[di
     }
 
 
-def abort_job(report: dict, comm: MPI.Comm = MPI.COMM_WORLD, code: int = 1) -> None:
-    """Log and print ``report``, then abort every rank of ``comm``'s job. Does not return."""
+def abort_job(report: dict, comm: MPI.Comm = MPI.COMM_WORLD, code: int = 1, flight: list[dict] | None = None) -> None:
+    """Log and print ``report`` (and dump the ``flight`` recorder's entries to the log), then abort
+    every rank of ``comm``'s job. Does not return."""
     log.get_logger().error("actor_failed", **{k: v for k, v in report.items() if k != "traceback"},
                            traceback=report["traceback"])
+    if flight is not None:
+        log.get_logger().info("flight_recorder", entries=flight)
     log.flush()
     lines = [f"[rank {report['rank']} @ {report['host']} ({report['role']})] FAILED: {report['error']}"]
     if report["pending"]:
@@ -65,8 +76,49 @@ class Actor(abc.ABC):
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.log = log.get_logger()
-        self.transport = Transport(comm, transport, on_span=log.record_span if trace else None)
+        self.flight = FlightRecorder()
+        self._trace = trace
+        self.transport = Transport(comm, transport, on_span=self._on_transfer)
+        # Position, written by the main thread and read by the heartbeat thread (plain attribute
+        # stores: atomic under the GIL). progress_count moves on every action: the supervisor's
+        # progress deadline watches it, so a long step is not mistaken for a hang.
+        self.progress_step = -1
+        self.progress_action: object = "start"
+        self.progress_count = 0
+        self.last_step_s: float | None = None
+        self.last_compute_s: float | None = None
+        self.heartbeat: Heartbeat | None = None
         self.running = False
+
+    def _on_transfer(self, name: str, t0: int, t1: int, **fields) -> None:
+        self.flight.record(name, t1, dur_us=(t1 - t0) // 1000, **fields)
+        if self._trace:
+            log.record_span(name, t0, t1, **fields)
+
+    def role_info(self) -> dict:
+        """What this rank is, for reports (subclasses add their pipeline stages, expert group, ...)."""
+        return {"role": self.role}
+
+    def status(self) -> dict:
+        """Where this rank is now (read from the heartbeat thread while the main thread runs).
+
+        ``waits_for``: the ranks this one has receives open from — a stalled rank is blocked on one
+        of them (the supervisor follows these edges to the culprit); None if the list changed
+        under the read (retried at the next heartbeat)."""
+        try:
+            pending = self.transport.pending()
+        except RuntimeError:  # an operation completed under us: report without it this time
+            pending = None
+        waits_for = None if pending is None else sorted({p["peer"] for p in pending if p["op"] == "recv"})
+        return {"step": self.progress_step, "action": str(self.progress_action), "count": self.progress_count,
+                "waits_for": waits_for, "pending": pending[:16] if pending else pending,
+                "num_pending": len(pending) if pending is not None else None, "last_step_s": self.last_step_s,
+                "last_compute_s": self.last_compute_s, "flight": self.flight.tail(24)}
+
+    def supervise(self, address: str, *, interval_s: float = 1.0, log_dir: str | None = None) -> None:
+        """Start heartbeats to the supervisor at ``address`` (``launch.supervisor``)."""
+        self.heartbeat = Heartbeat(address, rank=self.rank, status=self.status, role=self.role_info(),
+                                   log_dir=log_dir, interval_s=interval_s)
 
     def start(self) -> None:
         """Called once before :meth:`main`."""
@@ -82,6 +134,8 @@ class Actor(abc.ABC):
         self.transport.close()
         self.running = False
         self.log.info("actor_stop", actor=type(self).__name__)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
 
     def run(self):
         """start, main, stop; on any exception report it and abort the whole job."""
@@ -92,4 +146,7 @@ class Actor(abc.ABC):
             return result
         except BaseException as exc:  # noqa: BLE001 - any failure must take the job down, not hang it
             pending = exc.pending if isinstance(exc, CommTimeout) else self.transport.pending()
-            abort_job(failure_report(exc, rank=self.rank, role=self.role, pending=pending), self.comm)
+            report = failure_report(exc, rank=self.rank, role=self.role, pending=pending)
+            if self.heartbeat is not None:
+                self.heartbeat.report_failure(report)
+            abort_job(report, self.comm, flight=self.flight.tail())

@@ -1,0 +1,105 @@
+"""Reliability under real mpiexec: faults named by the supervisor, resume bit for bit, one-line errors.
+
+Faults (tests/mpi/faults.py) are injected on rank 1 (pipeline stage 1 of 3, 1F1B) at step 3 with
+short deadlines (heartbeat 0.5 s, liveness 3 s, progress 5 s) to stay fast; each job must end
+non-zero with the supervisor naming rank 1, its role and the verdict, within the deadline plus a
+margin for this shared 2-core machine (seconds from the FAULT line to the verdict, both wall clock).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from launch.local import LaunchTimeout, run_local
+from launch.supervisor import EXIT_CODE, SupervisorConfig
+from tests.mpirun import mpirun
+
+pytestmark = pytest.mark.mpi
+
+FAST = SupervisorConfig(heartbeat_s=0.5, liveness_s=3.0, progress_s=5.0, startup_s=90.0)
+TRAIN = ["--schedule", "1f1b", "--pp", "3", "--microbatches", "3", "--model", "tiny", "--steps", "40", "--no-trace"]
+
+
+def _supervised(n: int, args: list[str], fault_file, timeout: float = 150) -> tuple[int, str]:
+    try:
+        res = run_local(n, "tests.mpi.faults", args, timeout=timeout, capture=True, supervise=FAST,
+                        env={"OMP_NUM_THREADS": "1", "FAULT_TIME_FILE": str(fault_file)})
+    except LaunchTimeout as exc:
+        pytest.fail(f"supervised job hung past {timeout} s; output:\n{exc.output[-6000:]}")
+    return res.returncode, res.stdout
+
+
+def _report_delay(out: str, fault_file) -> tuple[dict, float]:
+    """The supervisor's JSON report and the seconds from the injected fault to its verdict."""
+    fault_t = float(fault_file.read_text())
+    path = re.search(r"full report: (\S+)", out).group(1)
+    report = json.loads(open(path).read())
+    return report, report["t_wall"] - fault_t
+
+
+# fault -> (verdict, seconds allowed from fault to verdict: the deadline plus margin)
+FAULTS = {"kill": ("died", 3.0), "raise": ("failed", 3.0), "stop": ("silent", FAST.liveness_s + 3.0),
+          "mute": ("stuck", FAST.progress_s + 3.0)}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_fault_is_named_with_rank_and_role_within_the_deadline(fault, tmp_path):
+    verdict, allowed = FAULTS[fault]
+    rc, out = _supervised(3, [fault, "1", "3", *TRAIN, "--log-dir", str(tmp_path)], tmp_path / "fault-time")
+    assert rc != 0, out[-3000:]
+    if fault != "raise":  # a rank that raises aborts the job itself (MPI_Abort's code)
+        assert rc == EXIT_CODE, out[-3000:]
+    head = f"supervisor: rank 1 (pipeline stage 1 of 3 (1f1b), pid "
+    assert head in out and f") {verdict}: " in out, out[-3000:]
+    report, delay = _report_delay(out, tmp_path / "fault-time")
+    assert report["rank"] == 1 and report["verdict"] == verdict and report["step"] is not None
+    assert delay < allowed, f"{fault}: named after {delay:.1f} s (allowed {allowed} s)"
+    print(f"{fault}: named as {verdict} {delay:.2f} s after the fault")
+    # what every other rank was doing / waiting for
+    for other in (0, 2):
+        assert f"    rank {other} (pipeline stage {other} of 3 (1f1b)" in out
+    if fault == "raise":
+        assert "RuntimeError: injected fault on rank 1 at step 3" in report["error"]
+    if fault == "mute":
+        assert "ranks 0,2 wait on it" in report["why"] and "waiting for rank 1" in out
+    if fault == "stop":
+        assert "process stopped" in report["why"]
+
+
+def _losses(log_dir, run_id: str) -> dict[int, tuple[float, float]]:
+    run = next(p for p in log_dir.iterdir() if p.name.startswith(run_id))
+    events = [json.loads(x) for x in (run / "rank-0.jsonl").read_text().splitlines()]
+    return {e["step"]: (e["loss"], e["grad_norm"]) for e in events if e["event"] == "step"}
+
+
+def test_resume_is_bit_exact_and_survives_a_kill_during_the_checkpoint_write(tmp_path):
+    """20 steps straight; then 20 steps checkpointing every 5, rank 1 killed half-way through
+    writing checkpoint 15; then --resume: it must start from checkpoint 10 (15 has no manifest) and
+    log the very same losses and gradient norms as the straight run, bit for bit."""
+    common = ["--schedule", "dualpipe", "--pp", "2", "--microbatches", "4", "--model", "tiny", "--steps", "20",
+              "--no-trace", "--log-dir", str(tmp_path / "logs")]
+    ck = str(tmp_path / "ck")
+    mpirun(2, "launch.train", *common, "--run-id", "straight", timeout=150)
+    rc, out = _supervised(2, ["ckpt-kill", "1", "15", *common, "--run-id", "killed", "--checkpoint-every", "5",
+                              "--checkpoint-dir", ck], tmp_path / "fault-time")
+    assert rc != 0 and "supervisor: rank 1 (" in out and ") died: " in out, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step-00000005", "step-00000010", "step-00000015"]
+    assert not (tmp_path / "ck" / "step-00000015" / "manifest.json").exists()
+    assert (tmp_path / "ck" / "step-00000010" / "manifest.json").exists()
+    _, out, _ = mpirun(2, "launch.train", *common, "--run-id", "resumed", "--checkpoint-dir", ck, "--resume",
+                       timeout=150)
+    assert "continuing at step 11" in out
+    straight, killed, resumed = (_losses(tmp_path / "logs", r) for r in ("straight", "killed", "resumed"))
+    assert sorted(straight) == list(range(20)) and sorted(resumed) == list(range(10, 20))
+    assert all(killed[s] == straight[s] for s in range(15))
+    assert all(resumed[s] == straight[s] for s in range(10, 20)), (resumed, straight)
+
+
+def test_missing_config_prints_one_line_per_job(tmp_path):
+    rc, out, _ = mpirun(2, "launch.train", "--config", str(tmp_path / "missing.toml"), timeout=60, expect_ok=False)
+    assert rc == 2
+    assert out.strip() == f"launch.train: bad configuration: config '{tmp_path / 'missing.toml'}': no such file " \
+                          f"(check the --config path)", out

@@ -15,8 +15,9 @@ and the bit patterns must equal torch's ``x / scale``.
 NaN and Inf. The quantizers give torch's (the reference's) results: a NaN in a tile makes its
 scale and all its values NaN, an Inf makes the scale Inf, the Inf a NaN and the rest zeros.
 Triton's ``tl.max``/``tl.maximum``/``tl.clamp`` drop NaNs by default (the hardware min/max
-return the other operand), which would hide a NaN behind a finite scale; the kernels reduce with
-``propagate_nan=ALL`` instead.
+return the other operand), which would hide a NaN behind a finite scale: the tile max is made
+NaN when the tile holds one (a second, integer max reduction), and the element-wise
+max/clamp use ``propagate_nan=ALL``.
 
 GEMMs. FP8: each 128-wide K block is one ``tl.dot`` into a fresh float32 partial, scaled by the
 block's activation and weight scales and added to a float32 accumulator: the per-128 promotion
@@ -101,8 +102,10 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _max_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+def _amax(ax, axis: tl.constexpr):
+    """``max(ax)`` along ``axis`` that is NaN if any element is (``tl.max`` skips NaNs)."""
+    has_nan = tl.max((ax != ax).to(tl.int32), axis=axis)
+    return tl.where(has_nan > 0, float("nan"), tl.max(ax, axis=axis))
 
 
 @triton.jit
@@ -118,7 +121,7 @@ def _round_bf16(v):
 
 @triton.jit
 def _quant_kernel(
-    x_ptr, q_ptr, s_ptr, tiles_ptr, R, C,
+    x_ptr, q_ptr, qbits_ptr, s_ptr, tiles_ptr, R, C,
     stride_xr, stride_xc, stride_qr, stride_qc, stride_sr, stride_sc,
     SCALE_R: tl.constexpr, SCALE_C: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -147,17 +150,17 @@ def _quant_kernel(
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     ax = tl.abs(x)
     if SCALE_R > 1 and SCALE_C > 1:
-        amax = _max_nan(tl.reduce(tl.reduce(ax, 1, _max_nan), 0, _max_nan), _AMAX_FLOOR)
+        amax = tl.maximum(_amax(_amax(ax, 1), 0), _AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         scale = tl.math.div_rn(amax, _FP8_MAX)
         v = tl.math.div_rn(x, tl.zeros_like(x) + scale)
         tl.store(s_ptr + pid_r * stride_sr + pid_c * stride_sc, scale)
     elif SCALE_C > 1:
-        amax = _max_nan(tl.reduce(ax, 1, _max_nan), _AMAX_FLOOR)
+        amax = tl.maximum(_amax(ax, 1), _AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         scale = tl.math.div_rn(amax, tl.zeros_like(amax) + _FP8_MAX)
         v = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
         tl.store(s_ptr + offs_r.to(tl.int64) * stride_sr + pid_c * stride_sc, scale, mask=mask_r)
     else:
-        amax = _max_nan(tl.reduce(ax, 0, _max_nan), _AMAX_FLOOR)
+        amax = tl.maximum(_amax(ax, 0), _AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         scale = tl.math.div_rn(amax, tl.zeros_like(amax) + _FP8_MAX)
         v = tl.math.div_rn(x, tl.zeros_like(x) + scale[None, :])
         tl.store(s_ptr + (out0 // SCALE_R) * stride_sr + offs_c.to(tl.int64) * stride_sc, scale, mask=mask_c)
@@ -167,6 +170,12 @@ def _quant_kernel(
     # Grouped: the whole output tile, padding included (masked loads made it zero).
     store_mask = (offs_out[:, None] >= 0) & mask_c[None, :] if GROUPED else mask
     tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=store_mask)
+    # NaNs get e4m3's NaN bits (0x7F, sign kept) through a byte view of q: the float8 cast of a
+    # NaN is not to be trusted (the interpreter's gives a number). Almost always fully masked.
+    is_nan = q != q
+    nan_bits = tl.where(q.to(tl.int32, bitcast=True) < 0, 0xFF, 0x7F).to(tl.uint8)
+    qbits_ptrs = qbits_ptr + offs_out[:, None].to(tl.int64) * stride_qr + offs_c[None, :].to(tl.int64) * stride_qc
+    tl.store(qbits_ptrs, nan_bits, mask=store_mask & is_nan)
 
 
 @triton.jit
@@ -306,7 +315,7 @@ def _quantize(
         block_r, block_c, warps = BLOCK, (BLOCK if INTERPRET else 32), 4
     grid = (cdiv(r, block_r) if tiles is None else tiles.shape[0], cdiv(c, block_c))
     _quant_kernel[grid](
-        x, q, s, x if tiles is None else tiles, r, c, x.stride(0), x.stride(1), *q_strides, *s_strides,
+        x, q, q.view(torch.uint8), s, x if tiles is None else tiles, r, c, x.stride(0), x.stride(1), *q_strides, *s_strides,
         SCALE_R=scale_r, SCALE_C=scale_c, GROUPED=tiles is not None,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip

@@ -139,6 +139,35 @@ def test_edge_values_catch_a_kernel_that_trusts_the_interpreter_cast():
     assert q[x == 31.08].float().item() != 32.0 or q[x == 126.24].float().item() != 128.0
 
 
+def _same_with_nan(mine: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal NaN positions, equal bits elsewhere (a NaN's sign and payload are not compared)."""
+    mine, want = mine.cpu(), want.cpu()
+    mine_nan, want_nan = mine.float().isnan(), want.float().isnan()
+    if not torch.equal(mine_nan, want_nan):
+        return False
+    if mine.dtype == FP8_DTYPE:
+        return torch.equal(_bits(mine)[~mine_nan], _bits(want)[~want_nan])
+    return torch.equal(mine[~mine_nan], want[~want_nan])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_quantizers_propagate_nan_and_inf_as_torch_does(gen):
+    """A NaN in a tile makes its scale and values NaN, an Inf makes the scale Inf (torch's amax and
+    clamp propagate NaN; Triton's tl.max / tl.clamp drop it unless told not to)."""
+    x = torch.randn(130, 260, generator=gen)
+    x[3, 5] = float("nan")  # 1x128 tile (3, 0); 128x1 tile (0, 5); 128x128 block (0, 0)
+    x[129, 200] = float("inf")
+    x[64, 140] = float("-inf")
+    for mine, want in [
+        (triton_ops.quant_act_1x128(x.to(DEVICE)), ref.quant_act_1x128(x)),
+        (triton_ops.quant_act_128x1(x.to(DEVICE)), ref.quant_act_128x1(x)),
+        (triton_ops.quant_weight_128x128(x.to(DEVICE)), ref.quant_weight_128x128(x)),
+    ]:
+        assert want[1].isnan().any() and want[1].isinf().any(), "the reference must see the NaN and the Infs"
+        assert _same_with_nan(mine[1], want[1]), "scales: NaN/Inf not propagated as torch does"
+        assert _same_with_nan(mine[0], want[0]), "values: NaN/Inf not propagated as torch does"
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_dequant(out_dtype, gen):
     x = _activations(70, 300, gen)
@@ -211,6 +240,31 @@ def test_fp8_grouped_gemm(counts, gen):
         if cnt:
             _gemm_checks(c[lo : lo + cnt], deq_a[lo : lo + cnt], ref.dequant_weight_128x128(*pairs[i]))
         lo += cnt
+
+
+def test_grouped_128x1_quant_and_k_grouped_wgrad(gen):
+    """The MoE weight gradient: per-expert 128x1 tiles padded to whole tiles (bits equal to the
+    reference, padding zero), and all experts' dW[e] = g_eᵀ x_e from one K-grouped launch."""
+    offsets = [0, 70, 70, 200, 201]  # counts 70, 0, 130, 1
+    g = torch.randn(201, 150, generator=gen)
+    x = _activations(201, 100, gen)
+    out = []
+    for t in (g, x):
+        q, s, tiles = triton_ops.quant_act_128x1_grouped(t.to(DEVICE), offsets)
+        want_q, want_s, want_tiles = ref.quant_act_128x1_grouped(t, offsets)
+        assert tiles == want_tiles == [0, 128, 128, 384, 512]
+        assert torch.equal(s.cpu(), want_s) and torch.equal(_bits(q), _bits(want_q))
+        out.append((q, s))
+    (gq, gs), (xq, xs) = out
+    c = poison(torch.empty(4, 150, 100, device=DEVICE))
+    triton_ops.fp8_grouped_wgrad(gq, gs, xq, xs, tiles, out=c)
+    want = ref.fp8_grouped_wgrad(gq.cpu(), gs.cpu(), xq.cpu(), xs.cpu(), tiles)
+    assert torch.equal(c[1].cpu(), torch.zeros(150, 100)), "an expert without tokens has a zero gradient"
+    for e, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
+        if hi > lo:
+            _gemm_checks(c[e], ref.dequant_act_1x128(*ref.quant_act_128x1(g[lo:hi])),
+                         ref.dequant_act_1x128(*ref.quant_act_128x1(x[lo:hi])))
+            assert rel_error(c[e], want[e]) <= 1e-5
 
 
 def test_bf16_gemms(gen):

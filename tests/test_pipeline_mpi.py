@@ -14,10 +14,11 @@ from tests.mpirun import mpirun
 
 pytestmark = pytest.mark.mpi
 
-# schedule:microbatches[:steps]; the minimum microbatch count and one above it per schedule,
-# 20-step loss curves at pp=4.
+# schedule:microbatches[:steps][@precision]; the minimum microbatch count and one above it per
+# schedule, 20-step loss curves at pp=4, and exactness at bf16 and fp8 (split W included) at pp=2.
 CASES = {
-    2: ["dualpipe:4:5", "dualpipe:6", "dualpipev:4:5", "dualpipev:5", "1f1b:2:5", "1f1b:3", "zb1p:2:5", "zb1p:4"],
+    2: ["dualpipe:4:5", "dualpipe:6", "dualpipev:4:5", "dualpipev:5", "1f1b:2:5", "1f1b:3", "zb1p:2:5", "zb1p:4",
+        "dualpipe:4:3@bf16", "zb1p:2:3@fp8"],
     4: ["dualpipe:8:20", "dualpipe:10", "dualpipev:8:20", "dualpipev:9", "1f1b:4:20", "1f1b:6", "zb1p:4:20", "zb1p:6"],
     8: ["dualpipe:16", "dualpipev:16", "1f1b:8", "zb1p:8"],
 }

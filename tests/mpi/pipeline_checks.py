@@ -3,8 +3,9 @@ job and compares with the single-process reference (:mod:`actors.reference`), wh
 and broadcasts (gradients, logits) to the others.
 
 Run: python -m launch.local -n PP tests.mpi.pipeline_checks LOG_DIR CASE [CASE ...]
-with CASE = ``schedule:microbatches[:steps]`` (steps >= 2 adds the loss-curve check over that
-many optimizer steps). Per case:
+with CASE = ``schedule:microbatches[:steps][@precision]`` (steps >= 2 adds the loss-curve check
+over that many optimizer steps; precision fp32 by default, bf16 or fp8 run both sides on that
+backend: the CPU emulation is deterministic, so exactness holds at every precision). Per case:
 
 1. a forward-only step at the initial parameters: logits of every microbatch bit-identical to
    the reference's;
@@ -65,10 +66,11 @@ def _check_mirror_copies(actor: StageActor) -> None:
 
 
 def run_case(spec: str) -> dict:
-    name, m, *rest = spec.split(":")
+    body, _, precision = spec.partition("@")
+    name, m, *rest = body.split(":")
     microbatches, steps = int(m), int(rest[0]) if rest else 1
     schedule = build(name, size, microbatches)
-    model = ModelConfig.tiny(num_layers=max(8, schedule.num_stages))
+    model = ModelConfig.tiny(num_layers=max(8, schedule.num_stages), precision=precision or "fp32")
     optim = OptimConfig(lr=1e-2, warmup_steps=2)
     data = SyntheticTokens(model.vocab_size, model.seq_len, SEED)
     ref = Reference(model=model, optim=optim, data=data, microbatches=microbatches, micro_batch=MICRO_BATCH, seed=SEED)

@@ -24,6 +24,7 @@ clips with the same number), AdamW steps, and the gate biases move by the step's
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from mpi4py import MPI
 
+from actors import nonfinite as nf
 from actors.data import TokenSource
 from actors.model import ModelConfig, Stage, build_stage, loss_fn
 from actors.optim import AdamW, OptimConfig, grad_sq_sum
@@ -39,6 +41,7 @@ from kernels import WeightGradDeferral
 from runtime import log, spans
 from runtime.actor import Actor
 from runtime.schedules import FB, Compute, Recv, Schedule, Send
+from runtime.staging import HostStaging
 from runtime.transport import TransportConfig
 
 __all__ = ["StageActor", "StepResult"]
@@ -69,9 +72,19 @@ class StageActor(Actor):
 
     def __init__(self, *, schedule: Schedule, model: ModelConfig, optim: OptimConfig, data: TokenSource,
                  micro_batch: int, seed: int, program: Callable[[StageActor], object],
-                 comm: MPI.Comm = MPI.COMM_WORLD, transport: TransportConfig | None = None, trace: bool = True):
-        """``program(actor)`` is what :meth:`main` runs (e.g. N training steps with progress output)."""
+                 comm: MPI.Comm = MPI.COMM_WORLD, transport: TransportConfig | None = None, trace: bool = True,
+                 nonfinite: str = "stop", device: torch.device | str = "cpu"):
+        """``program(actor)`` is what :meth:`main` runs (e.g. N training steps with progress output).
+        ``nonfinite``: a NaN/Inf gradient norm ``stop``s the job (NonFiniteError naming rank, stage,
+        layer, microbatch) or ``skip``s the step (no update; logged as ``nonfinite``).
+        ``device``: where the chunks, their gradients and optimizer state, activations and received
+        tensors live (runtime.device picks it); tensors cross MPI staged through host memory."""
         super().__init__(comm, transport=transport, trace=trace)
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite={nonfinite!r}: choose stop or skip")
+        self.nonfinite = nonfinite
+        self.device = torch.device(device)
+        self._staging = HostStaging(self.device)
         self.program = program
         if self.size != schedule.pp:
             raise ValueError(f"schedule {schedule.name} has pp={schedule.pp} ranks but the job has {self.size}: "
@@ -83,7 +96,7 @@ class StageActor(Actor):
         self.actions = schedule.ranks[self.rank]
         self._early_sends = self._plan_early_sends(self.actions)
         self.stage_ids = {c: schedule.stage_of(self.rank, c) for c in schedule.chunks(self.rank)}
-        self.chunks = {c: build_stage(model, s, schedule.num_stages, seed=seed) for c, s in self.stage_ids.items()}
+        self.chunks = {c: build_stage(model, s, schedule.num_stages, seed=seed).to(self.device) for c, s in self.stage_ids.items()}
         for mod in self.chunks.values():
             self._install_progress_hooks(mod)
         self.params = [p for c in sorted(self.chunks) for p in self.chunks[c].parameters()]
@@ -95,7 +108,7 @@ class StageActor(Actor):
         self._grad_bufs: dict[int, torch.Tensor] = {}
         for c, mod in self.chunks.items():
             params = list(mod.parameters())
-            buf = torch.zeros(sum(p.numel() for p in params))
+            buf = torch.zeros(sum(p.numel() for p in params), device=self.device)
             offset = 0
             for p in params:
                 p.grad = buf[offset:offset + p.numel()].view_as(p)
@@ -211,6 +224,7 @@ class StageActor(Actor):
         self._grads: dict[tuple, torch.Tensor] = {}
         self._wgrads: dict[tuple, list] = {}
         self._losses: dict[int, float] = {}
+        self._bad_losses: dict[int, float] = {}
         self._mirror_recvs: dict[int, object] = {}
         self._mirror_sends: dict[int, object] = {}
         self._compute_ns = 0
@@ -236,9 +250,14 @@ class StageActor(Actor):
         loads = self._step_expert_loads()
         norm = self._global_grad_norm()
         t_norm = time.monotonic_ns()
-        self.optimizer.step(norm)
-        for c, mod in self.chunks.items():
-            mod.update_gate_bias(loads[c])
+        if math.isfinite(norm):  # the same number on every rank: all ranks take the same branch
+            self.optimizer.step(norm)
+            for c, mod in self.chunks.items():
+                mod.update_gate_bias(loads[c].to(self.device))
+        else:
+            self._nonfinite_step(step, norm)
+        if self._bad_losses and math.isfinite(norm):
+            self.log.warning("nonfinite_loss", step=step, microbatches=sorted(self._bad_losses))
         t_optim = time.monotonic_ns()
         losses = self._gather_losses()
         self.transport.flush()
@@ -307,7 +326,8 @@ class StageActor(Actor):
             if forward_only and a.kind == "grad":
                 return
             src = self._acts if a.kind == "act" else self._grads
-            self._send_chs[(a.peer, a.tag)].send(src.pop((a.dir, a.mb, a.chunk)), mb=a.mb, chunk=a.chunk)
+            out = self._staging.to_host(src.pop((a.dir, a.mb, a.chunk)))
+            self._staging.hold(out, self._send_chs[(a.peer, a.tag)].send(out, mb=a.mb, chunk=a.chunk))
             self.transport.progress()  # start the transfer now, not at the next layer hook
         else:
             raise TypeError(f"rank {self.rank}: unknown action {a!r}")
@@ -324,7 +344,7 @@ class StageActor(Actor):
         if posted is not None:
             ch, op = posted
             t0 = time.monotonic_ns()
-            out = ch.wait(op)
+            out = self._staging.to_device(ch.wait(op))
             # a view of a ring buffer: held until this microbatch's last B / W (or its F, forward-only)
             self._held.setdefault((a.dir, a.mb, a.chunk), []).append(posted)
             if self.trace:
@@ -344,7 +364,7 @@ class StageActor(Actor):
         key = (a.dir, a.mb, a.chunk)
         last = stage == self.schedule.num_stages - 1
         if stage == 0 or last:
-            tokens, targets = self.data.batch(self._step, gmb, self.micro_batch)
+            tokens, targets = (t.to(self.device) for t in self.data.batch(self._step, gmb, self.micro_batch))
         if stage == 0:
             x = tokens
         else:
@@ -360,7 +380,9 @@ class StageActor(Actor):
                 self._logits[gmb] = y
             else:
                 loss = loss_fn(y, targets)
-                self._losses[gmb] = loss.item()
+                self._losses[gmb] = value = loss.item()
+                if not math.isfinite(value):  # free check: the loss is on the host already
+                    self._bad_losses[gmb] = value
                 scale = 1.0 / self.schedule.microbatches
                 total = loss * scale
                 if aux.requires_grad:
@@ -372,7 +394,7 @@ class StageActor(Actor):
                 roots, grads = (y,), [None]
                 if aux.requires_grad:
                     roots = (y, aux)
-                    grads.append(torch.tensor(1.0 / self.schedule.microbatches))
+                    grads.append(torch.tensor(1.0 / self.schedule.microbatches, device=self.device))
                 self._graph[key] = (roots, grads)
         if forward_only:
             self._release(key)
@@ -430,7 +452,9 @@ class StageActor(Actor):
         send_ch, recv_ch = self._mirror_chs[chunk]
         self._mirror_recvs[chunk] = recv_ch.post(mb=self._step)
         # sent in place: the buffer is not touched again until this send is done (_sync_mirror_grads)
-        self._mirror_sends[chunk] = send_ch.send(self._grad_bufs[chunk], mb=self._step, chunk=chunk)
+        out = self._staging.to_host(self._grad_bufs[chunk])
+        self._mirror_sends[chunk] = send_ch.send(out, mb=self._step, chunk=chunk)
+        self._staging.hold(out, self._mirror_sends[chunk])
         self.transport.progress()
 
     def _sync_mirror_grads(self) -> None:
@@ -444,12 +468,12 @@ class StageActor(Actor):
             op = self._mirror_recvs.pop(c)
             theirs = self._mirror_chs[c][1].wait(op)  # the mirror's chunk c == my chunk 1 - c
             self._mirror_chs[1 - c][0].wait(self._mirror_sends.pop(1 - c))  # my chunk 1 - c has left: safe to add into it
-            self._grad_bufs[1 - c].add_(theirs)
+            self._grad_bufs[1 - c].add_(self._staging.to_device(theirs))
             self._mirror_chs[c][1].release(op)
 
     def _step_expert_loads(self) -> dict[int, torch.Tensor]:
         """Each chunk's expert load for the step, summed over the mirrored copy under DualPipe."""
-        loads = {c: mod.expert_load().to(torch.float64) for c, mod in self.chunks.items()}
+        loads = {c: mod.expert_load().to("cpu", torch.float64) for c, mod in self.chunks.items()}
         if self.mirror is None:
             return loads
         tp = self.transport
@@ -462,7 +486,7 @@ class StageActor(Actor):
     def _global_grad_norm(self) -> float:
         """L2 norm of all gradients, each stage counted once; rank 0 sums in rank order."""
         unique = [0] if self.mirror is not None else sorted(self.chunks)
-        local = sum((grad_sq_sum(list(self.chunks[c].parameters())) for c in unique),
+        local = sum((grad_sq_sum(list(self.chunks[c].parameters())).cpu() for c in unique),
                     torch.zeros((), dtype=torch.float64))
         tp = self.transport
         if self.rank == 0:
@@ -491,6 +515,20 @@ class StageActor(Actor):
             raise RuntimeError(f"losses came back for microbatches {sorted(order.tolist())}, expected "
                                f"0..{self.schedule.microbatches - 1}")
         return table[order.argsort(), 1].tolist()
+
+    def _nonfinite_step(self, step: int, norm: float) -> None:
+        """The step's gradient norm is NaN/Inf: locate it on this rank, log it, then stop (raise,
+        where something was found) or skip the update (policy ``skip``: weights, AdamW state and
+        gate biases stay as they were; the next step starts from them)."""
+        found = nf.locate(self.chunks, self.stage_ids)
+        text = nf.describe(step, norm, self.rank, found, self._bad_losses)
+        # a warning (echoed to stderr) where something was found; the other ranks just note the skip
+        (self.log.warning if found or self._bad_losses else self.log.info)("nonfinite", step=step, norm=str(norm), policy=self.nonfinite, found=found,
+                         bad_losses={str(k): str(v) for k, v in self._bad_losses.items()}, message=text)
+        for mod in self.chunks.values():
+            mod.reset_expert_load()
+        if self.nonfinite == "stop" and (found or self._bad_losses):
+            raise nf.NonFiniteError(f"{text} (policy stop; --nonfinite skip drops such steps instead)")
 
     # ------------------------------------------------------------------ actor loop
     def role_info(self) -> dict:

@@ -24,6 +24,7 @@ from actors.pipeline import StageActor
 from actors.preflight import preflight
 from launch.supervisor import ENV_ADDRESS, ENV_HEARTBEAT
 from kernels import describe_backend
+from runtime.device import choose_device, describe_device, local_rank_from_env, probe_accelerators
 from launch import collector
 from runtime import clock, log, spans
 from runtime.telemetry import Telemetry
@@ -62,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
            "(per rank from its device: fp8 on Hopper, bf16 elsewhere)")
     a("--rank-precision", metavar="P0,P1,...",
       help="per-rank precision, one per pipeline rank (e.g. fp8,fp8,bf16,bf16: FP8 and BF16 ranks in one job)")
+    a("--device", help="where each rank computes: auto (default: its own GPU by local rank on the node, else an "
+                        "Ascend NPU, else the CPU), cpu, cuda, cuda:N, npu, npu:N; env HETEROPIPE_DEVICE too")
+    a("--share-device", action="store_true", default=None,
+      help="let several ranks of a node share a device (e.g. a 2-rank run on a one-GPU machine)")
     a("--steps", type=int, help="optimizer steps (default 60)")
     a("--lr", type=float, help="peak learning rate")
     a("--seed", type=int, help="seed for parameters and synthetic data (default 0)")
@@ -94,7 +99,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             over[section][key] = getattr(ns, flag)
     for flag, key in {"steps": "steps", "seed": "seed", "data": "data", "log_dir": "log_dir",
                       "run_id": "run_id", "threads": "torch_threads", "checkpoint_every": "checkpoint_every",
-                      "checkpoint_dir": "checkpoint_dir", "nonfinite": "nonfinite"}.items():
+                      "checkpoint_dir": "checkpoint_dir", "nonfinite": "nonfinite", "device": "device",
+                      "share_device": "share_device"}.items():
         if getattr(ns, flag) is not None:
             over[key] = getattr(ns, flag)
     if ns.rank_precision is not None:
@@ -104,6 +110,20 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if ns.resume:
         over["resume"] = True
     return load_toml(ns.config, over) if ns.config else from_dict({}, over)
+
+
+def _bind_device(comm: MPI.Comm, cfg: TrainConfig) -> str:
+    """This rank's device: the launcher's local rank (else an MPI shared-memory split), the
+    --device flag or $HETEROPIPE_DEVICE, and what the node has (runtime.device decides)."""
+    local = local_rank_from_env(os.environ)
+    if local is None:
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    override = os.environ.get("HETEROPIPE_DEVICE") if cfg.device == "auto" else None
+    choice = choose_device(local_rank=local, accelerators=probe_accelerators(), override=override or cfg.device,
+                           share=cfg.share_device)
+    if choice.kind == "cuda":
+        torch.cuda.set_device(choice.device)
+    return choice.device
 
 
 def _shared_run_dir(comm: MPI.Comm, log_dir: str, given: str | None) -> tuple[str, str]:
@@ -186,15 +206,17 @@ def main(argv: list[str] | None = None) -> int:
                 model=str(cfg.model), optim=str(cfg.optim), steps=cfg.steps, seed=cfg.seed,
                 precision=cfg.model.precision, micro_batch=cfg.pipeline.micro_batch, seq_len=cfg.model.seq_len,
                 tokens_per_step=tokens_per_step)
-    # Each rank's GEMM backend: its own entry or the model's, "auto" from its device; logged once.
-    # The runtime moves host memory and the stages compute on the CPU, so the device is "cpu".
+    # Each rank binds one device from its local rank on the node, then its GEMM backend: its own
+    # entry or the model's, "auto" from that device (fp8 on Hopper); both logged once.
     try:
-        precision = resolve_precision(cfg, comm.rank, "cpu")
+        device = _bind_device(comm, cfg)
+        precision = resolve_precision(cfg, comm.rank, device)
     except ValueError as exc:
         print(f"launch.train: rank {comm.rank}: {exc}", file=sys.stderr)
         comm.Abort(2)
     m = dataclasses.replace(cfg.model, precision=precision)
-    logger.info("backend", **describe_backend("cpu", precision))
+    logger.info("device", **describe_device(device))
+    logger.info("backend", **describe_backend(device, precision))
     precisions = comm.allgather(precision)
     data = TokenFile(cfg.data, m.seq_len, seed=cfg.seed) if cfg.data else SyntheticTokens(m.vocab_size, m.seq_len, cfg.seed)
     if comm.rank == 0 and isinstance(data, SyntheticTokens):
@@ -207,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     telemetry_at = os.environ.get(collector.ENV)
     telemetry = Telemetry(telemetry_at) if telemetry_at else None
     actor = StageActor(schedule=schedule, model=m, optim=cfg.optim, data=data, micro_batch=cfg.pipeline.micro_batch,
-                       seed=cfg.seed, program=_program(cfg, tokens_per_step, resume_from, telemetry), trace=cfg.trace)
+                       seed=cfg.seed, program=_program(cfg, tokens_per_step, resume_from, telemetry), trace=cfg.trace,
+                       nonfinite=cfg.nonfinite, device=device)
     address = os.environ.get(ENV_ADDRESS)
     if address:  # started under launch.local's supervisor
         actor.supervise(address, interval_s=float(os.environ.get(ENV_HEARTBEAT, "1")),

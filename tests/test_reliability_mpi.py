@@ -9,10 +9,12 @@ margin for this shared 2-core machine (seconds from the FAULT line to the verdic
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
 
+from actors.model import ModelConfig, layer_split
 from launch.local import LaunchTimeout, run_local
 from launch.supervisor import EXIT_CODE, SupervisorConfig
 from tests.mpirun import mpirun
@@ -67,6 +69,27 @@ def test_fault_is_named_with_rank_and_role_within_the_deadline(fault, tmp_path):
         assert "ranks 0,2 wait on it" in report["why"] and "waiting for rank 1" in out
     if fault == "stop":
         assert "process stopped" in report["why"]
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_gradient_is_located_and_the_policy_applied(policy, tmp_path):
+    """A NaN put into one gradient of rank 1's last layer after the backward of step 3: the norm
+    check finds it, the report names rank, stage and layer; stop ends the job, skip drops the step."""
+    layer = layer_split(ModelConfig.tiny(), 2)[1][-1]
+    args = ["nan", "1", "3", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "--model", "tiny",
+            "--steps", "6", "--no-trace", "--log-dir", str(tmp_path), "--run-id", "nan", "--nonfinite", policy]
+    rc, out = _supervised(2, args, tmp_path / "fault-time")
+    found = f"rank 1 stage 1: non-finite gradients in layer {layer} (first in the backward: layer {layer})"
+    if policy == "stop":
+        assert rc != 0 and "supervisor: rank 1 (pipeline stage 1 of 2 (1f1b)" in out and ") failed: " in out
+        assert f"NonFiniteError: step 3: gradient norm nan; {found}" in out
+        return
+    assert rc == 0, out[-3000:]
+    events = [json.loads(x) for x in (tmp_path / "nan" / "rank-1.jsonl").read_text().splitlines()]
+    hits = [e for e in events if e["event"] == "nonfinite"]
+    assert len(hits) == 1 and hits[0]["step"] == 3 and found in hits[0]["message"]
+    steps = _losses(tmp_path, "nan")
+    assert sorted(steps) == list(range(6)) and all(math.isfinite(steps[s][1]) for s in (4, 5))
 
 
 def _losses(log_dir, run_id: str) -> dict[int, tuple[float, float]]:

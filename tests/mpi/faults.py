@@ -8,6 +8,7 @@ FAULT, injected on rank RANK at the start of optimizer step STEP (0-based):
   stop       SIGSTOP itself (a frozen process: heartbeats stop too)
   mute       stop posting messages but stay alive (heartbeats go on, the schedule does not)
   ckpt-kill  SIGKILL itself half-way through writing its shard of the checkpoint after STEP steps
+  nan        one NaN in the gradient of its chunk 0's last layer, after the backward of step STEP
 Before the fault the rank prints ``FAULT <fault> rank R step S at <unix time>`` and writes the time
 to ``$FAULT_TIME_FILE`` if set.
 """
@@ -26,7 +27,7 @@ from actors.pipeline import StageActor
 from launch import train
 
 FAULT, RANK, STEP = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-FAULTS = ("kill", "raise", "stop", "mute", "ckpt-kill")
+FAULTS = ("kill", "raise", "stop", "mute", "ckpt-kill", "nan")
 assert FAULT in FAULTS, f"fault {FAULT!r}: one of {FAULTS}"
 
 
@@ -44,7 +45,7 @@ _train_step = StageActor.train_step
 
 
 def _faulty_train_step(self, step, **kwargs):
-    if self.rank == RANK and step == STEP and FAULT != "ckpt-kill":
+    if self.rank == RANK and step == STEP and FAULT not in ("ckpt-kill", "nan"):
         _announce()
         if FAULT == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -57,6 +58,17 @@ def _faulty_train_step(self, step, **kwargs):
                 self.transport.progress()
                 time.sleep(0.01)
     return _train_step(self, step, **kwargs)
+
+
+_global_grad_norm = StageActor._global_grad_norm
+
+
+def _faulty_grad_norm(self):
+    if FAULT == "nan" and self.rank == RANK and self._step == STEP:
+        _announce()
+        layer = self.chunks[0].layers[str(self.chunks[0].layer_ids[-1])]
+        next(layer.parameters()).grad.view(-1)[0] = float("nan")
+    return _global_grad_norm(self)
 
 
 _write_atomic = checkpoint._write_atomic
@@ -73,5 +85,6 @@ def _faulty_write(path, data: bytes) -> None:
 
 
 StageActor.train_step = _faulty_train_step
+StageActor._global_grad_norm = _faulty_grad_norm
 checkpoint._write_atomic = _faulty_write
 train._exit(train.main(sys.argv[4:]))

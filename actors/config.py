@@ -9,6 +9,7 @@ onto the tree section by section (``[model]``, ``[optim]``, ``[pipeline]``, top-
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,12 @@ class TrainConfig:
     """Write a checkpoint after every N-th optimizer step (0: never)."""
     resume: bool = False
     """Continue from the newest complete checkpoint in checkpoint_dir (bit-exact in fp32)."""
+    device: str = "auto"
+    """Where each rank computes: auto (its own CUDA GPU by local rank, else an Ascend NPU, else the
+    CPU), cpu, cuda, cuda:N, npu or npu:N (runtime.device)."""
+    share_device: bool = False
+    """Let several ranks of a node bind the same device when it has fewer devices than ranks
+    (e.g. a multi-rank test on a one-GPU machine); off, that is an error."""
     nonfinite: str = "stop"
     """What a NaN/Inf loss or gradient norm does: "stop" the job with a report, or "skip" the step
     (no optimizer update, no bias update; the report is logged and training goes on)."""
@@ -89,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"steps={self.steps!r}: must be a positive integer")
         if not isinstance(self.torch_threads, int) or self.torch_threads < 1:
             raise ValueError(f"torch_threads={self.torch_threads!r}: must be >= 1")
+        if not re.fullmatch(r"auto|cpu|(cuda|npu)(:\d+)?", str(self.device)):
+            raise ValueError(f"device={self.device!r}: choose auto, cpu, cuda, cuda:N, npu or npu:N")
         if self.pipeline.num_stages > self.model.num_layers:
             raise ValueError(f"pipeline: {self.pipeline.schedule} on pp={self.pipeline.pp} needs "
                              f"{self.pipeline.num_stages} stages but model.num_layers={self.model.num_layers}: "

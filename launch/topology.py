@@ -31,9 +31,10 @@ print what follows from it:
   3. the predicted dispatch and combine of one microbatch (--tokens per device, hidden --hidden,
      FP8 out / BF16 back as in DeepSeek-V3) over EP group 0, WITHOUT node limiting and WITH it
      (each token reaches at most --max-nodes groups): average nodes per token (sampled, and the
-     closed form for balanced random routing when groups = nodes), bytes over each link class
-     (inter-node, e.g. IB, and intra-node, e.g. NVLink) and the time of the busiest device
-     (bytes / bandwidth + messages x latency; link figures from the cluster description).
+     closed form for balanced random routing when groups = nodes; redundant replicas can only
+     lower the sampled figure: a token may find two experts' replicas on one node it reaches),
+     bytes over each link class (inter-node, e.g. IB, and intra-node, e.g. NVLink) and the time
+     of the busiest device (bytes / bandwidth + messages x latency; links from the cluster).
 
 Routing is balanced random (independent uniform scores per token and expert); with --load the
 placement follows the load but routing stays uniform. MB = 10^6 bytes.
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"dispatch/combine per microbatch: {ns.tokens} tokens per device x {group.size} devices, hidden "
                   f"{ns.hidden} ({ns.dispatch_dtype} out, {ns.combine_dtype} back), top-{ns.top_k}, balanced random "
                   f"routing (seed {ns.seed})"]
-    cf = f" (closed form {closed:.4f})" if closed is not None else ""
+    cf = "" if closed is None else f" (closed form {closed:.4f}" + (")" if replicas == ns.experts else
+                                                                   ", an upper bound with redundant replicas)")
     lines.append(f"  nodes per token without node limit: mean {free.mean_nodes_per_token:.4f}{cf}, max "
                  f"{free.max_nodes_per_token}")
     lines.append(f"  nodes per token with M = {ns.max_nodes}:       mean {limited.mean_nodes_per_token:.4f}, max "

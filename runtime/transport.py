@@ -167,6 +167,13 @@ class RecvHandle:
         if part == 0:
             self._tp._header_arrived(self, status.Get_count(MPI.BYTE))
         else:
+            # MPI accepts a shorter message into a larger receive: without this a truncated payload
+            # would leave stale bytes in the tensor, silently
+            count = status.Get_count(MPI.BYTE)
+            if count != self.tensor.nbytes:
+                raise EnvelopeError(f"message from rank {self.peer} channel {self.channel} seq {self.seq}: payload "
+                                    f"message has {count} bytes, the header and the posted receive say "
+                                    f"{self.tensor.nbytes} (truncated payload)")
             self.open -= 1
             if self.done:
                 self._tp._recv_done(self)
@@ -362,6 +369,7 @@ class Transport:
             self._reject(h, header, "seq", h.seq, " (lost or crossed message)")
         if h.shape is not None and (header.shape != h.shape or header.dtype != h.dtype):
             self._reject(h, header, "shape", h.shape, f" (dtype {header.dtype}; the receive was posted for {h.dtype})")
+            self._reject(h, header, "dtype", h.dtype, f" (shape {header.shape}; the receive was posted for {h.shape})")
         if h.expect:
             for field, want in h.expect.items():
                 self._reject(h, header, field, want)

@@ -63,7 +63,7 @@ class SupervisorConfig:
     """Interval between a rank's heartbeats."""
     liveness_s: float = 10.0
     """A rank with no heartbeat for this long is named silent (frozen or lost)."""
-    progress_s: float = 30.0
+    progress_s: float = 20.0
     """A rank whose progress counter has not moved for this long is stuck (after its first step)."""
     startup_s: float = 120.0
     """Grace for start-up (first heartbeat) and for the first step (imports, model build, compilation)."""

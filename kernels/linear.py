@@ -25,15 +25,17 @@ gradients are bit-identical. The bias gradient is not deferred (a cheap reductio
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
 
-from kernels import reference
+from kernels import reference, scaled_mm
 from kernels.backend import BACKENDS, fp8_impl
 from kernels.fp8_weights import fp8_weight
 from kernels.layout import expert_offsets
+from kernels.scaled_mm import BlockwiseOps
 from kernels.wgrad import accumulate_grad, deferred, pending_weight_grads
 
 __all__ = ["linear", "grouped_linear", "BACKENDS"]
@@ -71,13 +73,21 @@ def _weight_grad(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> t
     return compute().to(weight.dtype)
 
 
-def _fp8_ops(device: torch.device) -> ModuleType:
+def _fp8_ops(device: torch.device) -> ModuleType | BlockwiseOps:
     if fp8_impl(device) == "triton":
         # Imported on first use: Triton decides compiled vs interpreted when a kernel module loads.
         from kernels import triton_ops
 
-        return triton_ops
+        return _blockwise_ops(str(device)) if scaled_mm.available(device) else triton_ops
     return reference
+
+
+@functools.lru_cache(maxsize=None)
+def _blockwise_ops(device: str) -> BlockwiseOps:
+    """One op set per device, so its per-shape GEMM choices are measured once."""
+    from kernels import triton_ops
+
+    return BlockwiseOps(triton_ops)
 
 
 def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:

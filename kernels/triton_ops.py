@@ -256,7 +256,13 @@ def _gemm_kernel(
         if FP8:
             a_s = tl.load(as_ptrs + kb * stride_ask, mask=mask_m, other=0.0)
             b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=mask_n, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            if UPCAST:
+                part = tl.dot(a, b)
+            else:
+                # Hopper's FP8 MMA accumulates in ~14-bit precision: at most one 128-wide K block
+                # accumulates there before the float32 promotion below (V3's recipe).
+                part = tl.dot(a, b, max_num_imprecise_acc=BLOCK_K)
+            acc += part * a_s[:, None] * b_s[None, :]
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_ak

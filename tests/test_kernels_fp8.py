@@ -165,3 +165,18 @@ def _closure_tensors(fn, seen=None) -> list[torch.Tensor]:
         elif callable(v) and getattr(v, "__closure__", None):
             found.extend(_closure_tensors(v, seen))
     return found
+
+
+def test_scaled_mm_scale_layouts_and_probe_on_cpu():
+    """F.scaled_mm's blockwise layouts from ours (outer-dim-major 1x128; 128x128 padded to a multiple
+    of 4 K blocks and transposed), and no blockwise backend claimed where there is no Hopper GPU."""
+    from kernels import scaled_mm
+
+    a_s, w_s, g_s = torch.rand(300, 5), torch.rand(3, 5), torch.rand(260, 5)
+    sa, sb, recipe = scaled_mm.scaled_mm_scales(a_s, w_s, 260)
+    assert recipe == "BlockWise128x128" and sa.stride() == (1, 300) and torch.equal(sa, a_s)
+    assert sb.shape == (8, 3) and sb.stride() == (1, 8) and torch.equal(sb[:5], w_s.t()) and not sb[5:].any()
+    sa, sb, recipe = scaled_mm.scaled_mm_scales(a_s, g_s, 260)
+    assert recipe == "BlockWise1x128" and sb.stride() == (1, 260) and torch.equal(sb, g_s)
+    assert not scaled_mm.available("cpu")
+    assert scaled_mm.supports(128, 7168, 2048) and not scaled_mm.supports(128, 7168, 2000)

@@ -73,6 +73,7 @@ ROWS = [
     ("rank precision count", ["--rank-precision", "fp32,fp32,bf16"], 2, ["rank_precision has 3 entries", "one per rank"]),
     ("rank precision kind", ["--rank-precision", "fp32,fp16"], 2, ["rank_precision[1]='fp16'", "fp32, bf16, fp8 or auto"]),
     ("unknown precision", ["--precision", "fp4"], 2, ["--precision", "invalid choice"]),
+    ("unknown device kind", ["--device", "tpu:0"], 2, ["device='tpu:0'", "choose auto, cpu, cuda, cuda:N, npu or npu:N"]),
     ("zero steps", ["--steps", "0"], 2, ["steps=0", "positive integer"]),
     ("negative lr", ["--lr", "-1"], 2, ["optim.lr=-1.0", "> 0"]),
     ("betas out of range", ["--config", "{d}/betas.toml"], 2, ["optim.betas", "[0, 1)"]),

@@ -1,0 +1,210 @@
+"""Variable-size, non-blocking all-to-all exchange over a sub-communicator (no model knowledge).
+
+An :class:`Exchange` is a collective over its communicator: every rank calls :meth:`Exchange.start`
+once per exchange, in the same order. Each call moves, to every peer of a *peer set* (a
+neighbourhood: e.g. a rank's rail peers, or the ranks of its node), a number of rows that only the
+sender knows, as one or more *fields* sharing that row count (``[rows, *row_shape]`` each, their
+own dtype: hidden states, slot ids, gate weights, ...):
+
+1. **counts first**: the sender posts one int64 count to every peer of its send set (zeros too:
+   the receiver cannot otherwise know it is done); a receiver that already knows what comes
+   (combine and backward reuse the dispatch's counts) passes ``recv_rows`` and skips this round;
+2. **payloads** into buffers sized from the counts: each count that lands posts the receives of
+   that peer's fields straight into freshly allocated tensors; the sender posts its payloads at
+   start (a peer's fields travel in field order on one tag, so they match in order).
+
+Point-to-point, not ``Ialltoallv``: ``bench/moe.py`` measures both for the same two-hop traffic
+(the p2p exchange only talks to its neighbourhood, ``Ialltoallv`` is a collective over the whole
+communicator per field and needs the counts collective first); and p2p lets the failure report
+name the peers not yet heard from, which a collective request cannot.
+
+Requests go on the rank's :class:`~runtime.progress.Progress` engine, so pipeline queues and
+exchanges progress together, waits have deadlines, and every open exchange is listed by
+``Progress.pending()`` (name, communicator, the caller's labels such as layer / microbatch /
+phase, state, and the world ranks of the peers whose counts or payloads have not arrived).
+A rank's rows to itself never touch MPI: they are handed over as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from runtime.progress import Progress
+
+__all__ = ["Field", "Exchange", "ExchangeOp"]
+
+_MAX_INFLIGHT = 4096
+"""Exchange ``seq`` modulo this picks the tag pair, so up to this many exchanges of one
+:class:`Exchange` may be open at once without their messages matching each other's receives."""
+
+
+def _wire(t: torch.Tensor) -> MPI.buffer:
+    # bare address + length (dtype-blind: bfloat16 / float8 need no view); the op keeps t alive
+    return MPI.buffer.fromaddress(t.data_ptr(), t.nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One per-row tensor an exchange carries: ``[rows, *row_shape]`` of ``dtype``."""
+
+    name: str
+    row_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def empty(self, rows: int) -> torch.Tensor:
+        return torch.empty((rows, *self.row_shape), dtype=self.dtype)
+
+
+class ExchangeOp:
+    """One exchange in flight. ``received[peer]`` holds that peer's fields once ``done``."""
+
+    __slots__ = ("_ex", "fields", "labels", "tags", "received", "_counts_in", "_counts_out", "_keep",
+                 "_waiting", "_open", "t_post", "sent_bytes")
+
+    def __init__(self, ex: Exchange, fields: tuple[Field, ...], labels: dict, seq: int):
+        self._ex = ex
+        self.fields = fields
+        self.labels = labels
+        self.tags = (2 * (seq % _MAX_INFLIGHT), 2 * (seq % _MAX_INFLIGHT) + 1)  # counts, payloads
+        self.received: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._counts_in: dict[int, np.ndarray] = {}
+        self._counts_out: list[np.ndarray] = []
+        self._keep: list[torch.Tensor] = []  # send buffers MPI reads from
+        self._waiting: dict[int, int] = {}  # peer -> open receives (its count, then its fields)
+        self._open = 0  # all open requests, sends included
+        self.t_post = time.monotonic_ns()
+        self.sent_bytes: dict[int, list[int]] = {}
+        """Per peer (this communicator's ranks; self excluded), bytes sent per field."""
+
+    @property
+    def done(self) -> bool:
+        return self._open == 0
+
+    def _post_payload_recv(self, peer: int, rows: int) -> None:
+        bufs = tuple(f.empty(rows) for f in self.fields)
+        self.received[peer] = bufs
+        if rows == 0:
+            return
+        engine, comm = self._ex.engine, self._ex.comm
+        for k, b in enumerate(bufs):
+            self._waiting[peer] = self._waiting.get(peer, 0) + 1
+            self._open += 1
+            engine.add(comm.Irecv([_wire(b), MPI.BYTE], peer, self.tags[1]), self, 1 + 2 * peer)
+
+    def _part_done(self, part: int, status: MPI.Status) -> None:
+        self._open -= 1
+        if part >= 0:  # a receive: part = 2 * peer (count) or 2 * peer + 1 (payload field)
+            peer = part // 2
+            self._waiting[peer] -= 1
+            if not self._waiting[peer]:
+                del self._waiting[peer]
+            if part % 2 == 0:
+                self._post_payload_recv(peer, int(self._counts_in.pop(peer)[0]))
+        if self._open == 0:
+            self._keep.clear()
+            self._counts_out.clear()
+            self._ex.engine.untrack(self)
+
+    def wait(self, timeout: float | None = None) -> dict[int, tuple[torch.Tensor, ...]]:
+        """Block (inside MPI, progressing everything on the engine) until done; returns ``received``."""
+        self._ex.engine.wait(lambda: self.done, lambda: f"exchange {self._label()} waits for ranks "
+                             f"{self._peers_open()}", timeout)
+        return self.received
+
+    def _peers_open(self) -> list[int]:
+        return sorted(self._ex.ranks[p] for p in self._waiting)
+
+    def _label(self) -> str:
+        return " ".join([self._ex.name] + [f"{k}={v}" for k, v in self.labels.items()])
+
+    def describe(self) -> dict:
+        return {"op": "exchange", "name": self._ex.name, "comm": self._ex.comm_name, **self.labels,
+                "state": "counts" if self._counts_in else "payload", "waiting_for": self._peers_open(),
+                "sends_open": self._open - sum(self._waiting.values()),
+                "age_s": round((time.monotonic_ns() - self.t_post) / 1e9, 3)}
+
+
+class Exchange:
+    """Variable-size exchanges over ``comm`` (duplicated: its tags never meet other traffic).
+
+    ``ranks``: the world rank of each of ``comm``'s ranks, for reports (default: the translation
+    of ``comm``'s group into ``MPI.COMM_WORLD``'s).
+    """
+
+    def __init__(self, comm: MPI.Comm, engine: Progress, *, name: str, comm_name: str = ""):
+        self.comm = comm.Dup()
+        self.rank = self.comm.Get_rank()
+        self.engine = engine
+        self.name = name
+        self.comm_name = comm_name or name
+        world = MPI.COMM_WORLD.Get_group()
+        self.ranks = tuple(self.comm.Get_group().Translate_ranks(list(range(self.comm.Get_size())), world))
+        self._seq = 0
+
+    def start(self, sends: Mapping[int, Sequence[torch.Tensor]], recv_from: Sequence[int],
+              fields: Sequence[Field], *, recv_rows: Mapping[int, int] | None = None, **labels) -> ExchangeOp:
+        """Post one exchange and return at once.
+
+        sends: peer (this communicator's rank) -> its fields' tensors (``[rows, *row_shape]``,
+            equal rows, contiguous); every peer that may receive from this rank must be a key
+            (with zero rows when nothing goes) unless it passes ``recv_rows``.
+        recv_from: the peers this rank receives from (itself included when it sends to itself).
+        recv_rows: rows per ``recv_from`` peer when known in advance: no counts round.
+        labels: what the failure report shows (layer, mb, phase, ...).
+        """
+        fields = tuple(fields)
+        op = ExchangeOp(self, fields, labels, self._seq)
+        self._seq += 1
+        me, engine, comm = self.rank, self.engine, self.comm
+        count_tag, data_tag = op.tags
+        # receives first, so an early arrival lands in posted memory
+        for peer in recv_from:
+            if peer == me:
+                continue
+            if recv_rows is not None:
+                op._post_payload_recv(peer, int(recv_rows[peer]))
+            else:
+                buf = np.empty(1, dtype=np.int64)
+                op._counts_in[peer] = buf
+                op._waiting[peer] = op._waiting.get(peer, 0) + 1
+                op._open += 1
+                engine.add(comm.Irecv([buf, MPI.INT64_T], peer, count_tag), op, 2 * peer)
+        for peer, tensors in sends.items():
+            tensors = tuple(tensors)
+            if len(tensors) != len(fields):
+                raise ValueError(f"exchange {self.name}: {len(tensors)} tensors for peer {peer}; expected one "
+                                 f"per field {[f.name for f in fields]}")
+            rows = tensors[0].shape[0]
+            for f, t in zip(fields, tensors):
+                if t.dtype != f.dtype or tuple(t.shape) != (rows, *f.row_shape) or not t.is_contiguous():
+                    raise ValueError(f"exchange {self.name}: field {f.name} to peer {peer} is {t.dtype} "
+                                     f"{tuple(t.shape)}; expected contiguous {f.dtype} [{rows}, {f.row_shape}]")
+            if peer == me:
+                op.received[me] = tensors
+                continue
+            if recv_rows is None:
+                cnt = np.array([rows], dtype=np.int64)
+                op._counts_out.append(cnt)
+                op._open += 1
+                engine.add(comm.Isend([cnt, MPI.INT64_T], peer, count_tag), op, -1)
+            op.sent_bytes[peer] = [t.nbytes for t in tensors]
+            if rows:
+                for t in tensors:
+                    op._keep.append(t)
+                    op._open += 1
+                    engine.add(comm.Isend([_wire(t), MPI.BYTE], peer, data_tag), op, -1)
+        if me in recv_from and me not in op.received:
+            raise ValueError(f"exchange {self.name}: rank {me} receives from itself but sends itself nothing")
+        if op._open:
+            engine.track(op)
+        return op
+
+    def close(self) -> None:
+        """Free the duplicated communicator (collective; no exchange may be open)."""
+        self.comm.Free()

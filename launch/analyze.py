@@ -71,7 +71,7 @@ def print_report(r: dict, top: int) -> None:
     print(f"run {r['run']}: {r['schedule']}, pp {r['pp']} ({r['stages']} stages), {r['microbatches']} microbatches; "
           f"steps {steps[0]}..{steps[-1]} analysed ({len(steps)} of {r['steps_logged']} complete)")
     loss = r["loss"]
-    print(f"step {r['step_ms']:.1f} ms (pipeline {r['makespan_ms']:.1f} + step-end work {r['tail_ms']:.1f})"
+    print(f"step {r['step_ms']:.1f} ms (medians: pipeline {r['makespan_ms']:.1f}, step-end work {r['tail_ms']:.1f})"
           + (f" | {r['tokens_per_s']:.0f} tokens/s" if r["tokens_per_s"] else "")
           + (f" | loss {loss['first']:.4f} -> {loss['last']:.4f}" if loss else ""))
     print("\nper rank, ms per step (median; communication: mean): idle = wait for input + drain + executor overhead")

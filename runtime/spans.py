@@ -12,7 +12,8 @@ Every line is a JSON object with ``event``, ``timestamp`` (ISO, UTC), ``level``,
 
 * ``log_start`` (first line of every file): ``schema`` (this version), ``t_mono`` (monotonic ns),
   ``t_wall`` (Unix seconds).
-* ``clock``: ``offset_ns`` (add it to this rank's monotonic times to get rank 0's clock),
+* ``clock``: ``offset_ns`` (add it to this rank's monotonic times to get rank 0's clock; the
+  reader applies it to ranks on other hosts than rank 0's only, which share rank 0's clock),
   ``rtt_ns`` (round trip of the sample it came from: the estimate is good to about half of it),
   ``rounds`` (ping-pongs tried). See :mod:`runtime.clock`.
 * ``config`` (rank 0): ``schedule``, ``pp``, ``microbatches``, ``stages``, ``tokens_per_step``, ...

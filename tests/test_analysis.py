@@ -370,11 +370,13 @@ def test_report_figures_of_a_known_run(tmp_path):
 
 
 def test_clock_offsets_put_ranks_on_rank0s_time(tmp_path):
-    """Rank 1's clock runs 5 s ahead of rank 0's and its clock record says so: the figures are those
-    of the unshifted run. Without the record they are not (and a note says the times are unaligned)."""
-    want = report(read_run(write_run(tmp_path / "same", two_steps())))
+    """Rank 1 runs on another host whose clock is 5 s ahead of rank 0's, and its clock record says
+    so: the figures are those of the unshifted run. Without the record they are not (and a note
+    says the times are unaligned). On rank 0's host a logged estimate is not applied (one clock)."""
+    hosts = {0: "a", 1: "b"}
+    want = report(read_run(write_run(tmp_path / "same", two_steps(), hosts=hosts)))
     skewed = two_steps(rank1_shift_ms=5000)
-    got = report(read_run(write_run(tmp_path / "aligned", skewed, clocks={0: 0, 1: -ns(5000)})))
+    got = report(read_run(write_run(tmp_path / "aligned", skewed, hosts=hosts, clocks={0: 0, 1: -ns(5000)})))
     for key in ("step_ms", "makespan_ms", "bubble", "waits", "overall", "pipeline_end"):
         assert got[key] == want[key], key
     for r in (0, 1):
@@ -382,6 +384,9 @@ def test_clock_offsets_put_ranks_on_rank0s_time(tmp_path):
         assert {k: v for k, v in got["ranks"][r].items() if k not in clock} == \
                {k: v for k, v in want["ranks"][r].items() if k not in clock}
     assert (got["ranks"][1]["clock_offset_ms"], got["ranks"][1]["clock_rtt_us"]) == (-5000, 2)
+    one_host = read_run(write_run(tmp_path / "onehost", two_steps(), clocks={0: 0, 1: 700_000}))
+    assert one_host.clocks[1] == {"offset_ns": 0, "measured_ns": 700_000, "rtt_ns": 2000}
+    assert report(one_host)["bubble"] == want["bubble"]
     log = read_run(write_run(tmp_path / "unaligned", skewed, hosts={0: "a", 1: "b"}))
     assert "its times are not aligned with rank 0's" in log.problems[0]
     assert report(log)["step_ms"] == pytest.approx(5099)  # rank 0's step 0-100 ms, rank 1's 5000.05-5099

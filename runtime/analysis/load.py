@@ -7,9 +7,11 @@
 * A line that is not JSON (a truncated last line after a crash) or a span that breaks the schema
   is skipped and reported as ``file:line: why`` in :attr:`RunLog.problems`.
 * Times: each rank's ``clock`` record gives its offset to rank 0 (:mod:`runtime.clock`); every
-  ``t0``/``t1`` is shifted by it, so all spans share rank 0's time axis. A rank without one keeps
-  its times (ranks on one host share a clock) and, if it is on another host than rank 0, a problem
-  says its times are not aligned.
+  ``t0``/``t1`` of a rank on another host than rank 0 is shifted by it, so all spans share rank 0's
+  time axis. Ranks on rank 0's host read the same monotonic clock: their offset is exactly 0, and
+  the logged estimate (off by up to half its round trip, a millisecond on a loaded machine) is
+  not applied. A rank on another host without a clock record keeps its times, and a problem says
+  they are not aligned.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class RunLog:
     """Span records per rank, ``t0``/``t1`` shifted onto rank 0's clock."""
     hosts: dict[int, str] = field(default_factory=dict)
     clocks: dict[int, dict] = field(default_factory=dict)
-    """Per rank: ``offset_ns`` (applied), ``rtt_ns``; absent for a rank that logged none."""
+    """Per rank that logged a clock record: ``offset_ns`` (applied: 0 on rank 0's host),
+    ``measured_ns`` (the logged estimate), ``rtt_ns``."""
     progress: list[dict] = field(default_factory=list)
     """Rank 0's per-step ``step`` events (loss, grad norm, seconds)."""
     problems: list[str] = field(default_factory=list)
@@ -133,8 +136,9 @@ def read_run(run_dir: str | Path) -> RunLog:
         log.hosts[r] = got["host"]
         off = 0
         if got["clock"] is not None:
-            off = int(got["clock"]["offset_ns"])
-            log.clocks[r] = {"offset_ns": off, "rtt_ns": int(got["clock"].get("rtt_ns", 0))}
+            measured = int(got["clock"]["offset_ns"])
+            off = 0 if got["host"] == host0 else measured
+            log.clocks[r] = {"offset_ns": off, "measured_ns": measured, "rtt_ns": int(got["clock"].get("rtt_ns", 0))}
         elif got["host"] != host0:
             problems.append(f"{files[r]}: rank {r} runs on {got['host']}, rank 0 on {host0}, and it logged no "
                             f"clock offset: its times are not aligned with rank 0's")

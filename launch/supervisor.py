@@ -53,6 +53,9 @@ ENV_ADDRESS = "HETEROPIPE_SUPERVISOR"
 """Environment variable carrying the supervisor's address to the ranks."""
 ENV_HEARTBEAT = "HETEROPIPE_HEARTBEAT_S"
 """Environment variable carrying the heartbeat interval to the ranks."""
+_EXIT_GRACE_S = 0.3
+"""A process that exited is judged dead only if its ``bye`` has not arrived this long after: a
+clean exit's last message can land on the socket just after its pidfd fires."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -222,6 +225,8 @@ class Supervisor:
                     and st.hello["host"] == self._local and _proc_state(st.hello["pid"]) in (None, "Z", "X"):
                 st.t_dead = now
         dead = [st for st in self._ranks if st.t_dead is not None and st.final is None]
+        if any(now - st.t_dead < _EXIT_GRACE_S for st in dead):
+            dead = []  # judge once every recent exit had time to say bye
         if dead:
             first = min(dead, key=lambda st: st.t_dead)
             after = [f"rank {st.rank} {(st.t_dead - first.t_dead) * 1e3:.0f} ms later" for st in dead if st is not first]

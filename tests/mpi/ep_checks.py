@@ -166,7 +166,8 @@ def run_case(comm: MPI.Comm, name: str, *, nodes: int, per_node: int, topk_group
     res["replicated_slots"] = int(replicated.sum())
     res["replicated_slot_pairs"] = slot_pairs[replicated].tolist()
     if replicated.any() and not (slot_pairs[replicated] > 0).all():
-        raise AssertionError(f"a replica received no tokens: pairs per replicated slot {slot_pairs[replicated].tolist()}")
+        raise AssertionError(f"a replica received no tokens: pairs per replicated slot "
+                             f"{slot_pairs[replicated].tolist()}")
     ep.exchange.close()
     return res
 

@@ -6,7 +6,8 @@ bubble next to the schedule simulator's prediction for the measured F/B/W costs,
 memory, the slowest rank and stage, bubble time attributed to schedule actions (which F/B waited,
 on whom, and whether the producer was late or the message in flight), and traffic by message kind
 and link class. ``--trace`` writes a Chrome trace-event JSON (open it in ui.perfetto.dev),
-``--png`` a timeline picture. Definitions of every figure: ``runtime/analysis/`` (README "Logs").
+``--png`` a timeline picture. Definitions of every figure: ``runtime/analysis/`` and the README
+section "Logs and their analysis".
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ class MoE(torch.nn.Module):
         aux = x.new_zeros(())
         if c.seq_aux_alpha > 0 and self.training:
             # V3 eq. 17-20 per sequence: f_i = E/(K·T)·count_i, P_i = mean_t normalised score_i.
-            onehot = torch.zeros(b * s, c.num_routed_experts).scatter_(1, idx, 1.0).view(b, s, -1)
+            onehot = torch.zeros(b * s, c.num_routed_experts, device=x.device).scatter_(1, idx, 1.0).view(b, s, -1)
             f = onehot.sum(1) * (c.num_routed_experts / (c.top_k * s))  # [batch, E]
             p = (scores / scores.sum(-1, keepdim=True)).view(b, s, -1).mean(1)  # [batch, E]
             aux = c.seq_aux_alpha * (f * p).sum(-1).mean()

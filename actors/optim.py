@@ -54,7 +54,7 @@ class OptimConfig:
 
 def grad_sq_sum(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ‖grad‖² over ``params`` in float64 (0-dim), summed in the given order; missing grads count 0."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
     for p in params:
         if p.grad is not None:
             total += p.grad.to(torch.float64).square().sum()

@@ -7,6 +7,9 @@ configures no logging: callers log :func:`describe_backend` once at start-up.
   ``"fp8"`` backend (:data:`BACKENDS`), weight gradients deferrable with a
   :class:`WeightGradDeferral` (works whichever thread autograd runs the backward on).
 - :func:`backend_for`, :func:`describe_backend`: per-device backend choice and its description.
+- :mod:`kernels.scaled_mm`: cuBLASLt's blockwise FP8 GEMM where present and correct (probed),
+  picked per shape against the Triton GEMM; :mod:`kernels.fp8_weights`: FP8 weight copies made
+  once per optimizer step.
 - :mod:`kernels.triton_ops` (Triton kernels) and :mod:`kernels.reference` (pure torch): FP8
   quantization, dequantization and GEMMs, BF16 GEMMs.
 """

@@ -97,6 +97,10 @@ def describe_backend(device: torch.device | str, backend: str) -> dict[str, str 
     elif fp8_impl(device) == "triton":
         info["gemm"] = "triton fp8 e4m3, 1x128 activations / 128x128 weights, float32 promotion per 128 K"
         info["triton"] = _triton_version()
+        from kernels import scaled_mm  # probes F.scaled_mm blockwise once (a small GEMM on the device)
+
+        info["dense_gemm_alternative"] = ("cuBLASLt blockwise F.scaled_mm, chosen per shape by timing"
+                                          if scaled_mm.available(device) else None)
     else:
         info["gemm"] = "torch emulation of fp8 e4m3 (1x128 / 128x128 scales, float32 per-128-K promotion)"
     return info

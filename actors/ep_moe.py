@@ -171,9 +171,12 @@ class EPMoE(torch.nn.Module):
         mb.grad_h, mb.grad_w = mb.xr.grad, mb.wr.grad
         mb.out = mb.xr = mb.wr = mb.grad_out = None
 
-    def gate_backward(self, mb: MicroBatch, grad_aux: torch.Tensor | None = None) -> None:
-        """Segment 1's backward from dh (the experts' input gradient), dw, d shared and d aux: into
-        the gate and shared-expert parameters and on into ``x``'s graph."""
+    def gate_backward(self, mb: MicroBatch, grad_aux: torch.Tensor | None = None,
+                      residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Segment 1's backward from dh (the experts' input gradient), dw, d shared and d aux (None:
+        the balance loss is not trained) into the gate and shared-expert parameters and on into
+        ``x``'s graph; ``residual``: another root of the same segment and its gradient (the block's
+        residual stream), so the segment's graph is walked once."""
         outs, grads = [mb.h, mb.w], [mb.grad_h, mb.grad_w]
         if mb.shared is not None:
             outs.append(mb.shared)
@@ -181,6 +184,9 @@ class EPMoE(torch.nn.Module):
         if grad_aux is not None and mb.aux.requires_grad:
             outs.append(mb.aux)
             grads.append(grad_aux)
+        if residual is not None and residual[0].requires_grad:
+            outs.append(residual[0])
+            grads.append(residual[1])
         torch.autograd.backward(outs, grads)
         mb.h = mb.w = mb.shared = mb.aux = mb.grad_h = mb.grad_w = mb.grad_shared = None
 

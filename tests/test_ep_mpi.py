@@ -47,3 +47,14 @@ def test_rank_raising_inside_dispatch_aborts_with_the_pending_exchange(tmp_path)
     assert ("'op': 'exchange', 'name': 'ep-moe', 'comm': 'ep2', 'layer': 3, 'mb': 5, 'phase': 'dispatch hop1'"
             in out)
     assert "'waiting_for': [0]" in out
+
+
+def test_whole_model_ep_training_matches_the_single_process_reference(tmp_path):
+    _, out, _ = mpirun(4, "tests.mpi.ep_train_checks", str(tmp_path), timeout=200)
+    results = [json.loads(x) for x in (tmp_path / "ep-train-results.jsonl").read_text().splitlines()]
+    assert [r["case"] for r in results] == ["ep4", "ep2", "ep2"]
+    for r in results:
+        assert r["max_grad_calc_diff"] < 1e-12 and r["norm_rel"] <= 1e-6 and r["curve_max_rel"] <= 1e-6
+    assert results[0]["steps"] == 20
+    for rank in range(4):
+        assert f"rank {rank}: all ep training checks ok" in out

@@ -1,0 +1,123 @@
+"""A model chunk on one expert-parallel rank: its MoE layers expert-parallel, forward and backward in
+autograd segments with the dispatch / combine exchanges between them.
+
+The chunk (:class:`actors.model.Stage`) is built as everywhere (same seed, same parameters); each
+MoE layer's routed experts are replaced by this rank's slots (:class:`actors.ep_moe.EPMoE`), the
+rest (embedding, attention, norms, dense layers, gates, shared experts, head) stays replicated
+and runs on this rank's own tokens. The forward is cut at every MoE layer:
+
+``[input | leaves] -> blocks ... -> attention of the MoE block -> gate``  (segment *i*)
+``dispatch -> experts -> combine``                                      (exchanges + expert segment)
+``[residual, routed, shared leaves] -> y = residual + routed + shared -> ...``  (segment *i+1*)
+
+so that no exchange runs inside autograd: :meth:`EPChunk.backward` walks the segments backwards,
+running ``combine_backward``, the experts' backward and ``dispatch_backward`` between them. The
+float operations of a block are the single-process block's, in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from actors.ep_moe import EPMoE, MicroBatch, run_comm
+from actors.model import MoE, Stage
+from kernels import linear
+from runtime.exchange import Exchange
+from topology.layout import EPGroup
+
+__all__ = ["EPChunk"]
+
+
+class _Segment:
+    """One gate segment's roots (residual stream and the MoE's gate outputs) and the leaves of the
+    segment after its combine."""
+
+    __slots__ = ("ep", "mb", "residual", "residual_leaf")
+
+    def __init__(self, ep: EPMoE, mb: MicroBatch, residual: torch.Tensor, residual_leaf: torch.Tensor):
+        self.ep, self.mb, self.residual, self.residual_leaf = ep, mb, residual, residual_leaf
+
+
+class EPChunk:
+    """``stage``'s forward / backward on ep rank ``me`` of ``group``.
+
+    placement: global MoE layer index -> (phy2log ``[num_replicas]``, log2phy ``[experts, max_replicas]``,
+        logcnt ``[experts]``) over the group, for every MoE layer of the stage.
+    The routed-expert parameters of ``stage``'s MoE layers are removed from it (this rank holds
+    its slots in :attr:`moe` instead).
+    """
+
+    def __init__(self, stage: Stage, *, group: EPGroup, me: int,
+                 placement: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], exchange: Exchange):
+        self.stage = stage
+        self.moe: dict[int, EPMoE] = {}
+        for layer, block in stage.layers.items():
+            if not isinstance(block.ffn, MoE):
+                continue
+            layer = int(layer)
+            if layer not in placement:
+                raise ValueError(f"placement: no entry for MoE layer {layer} of stage {stage.stage}")
+            phy2log, log2phy, logcnt = placement[layer]
+            self.moe[layer] = EPMoE(block.ffn, group=group, me=me, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt,
+                                    exchange=exchange, layer=layer)
+            del block.ffn.w13, block.ffn.w2  # the full expert weights: this rank keeps its slots only
+        self._segments: dict[object, list[_Segment]] = {}
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The stage's parameters, then each MoE layer's slots (``layers.L.ffn.slots.w13``: ``[slots_per_rank, ...]``)."""
+        named = list(self.stage.named_parameters())
+        for layer, ep in self.moe.items():
+            named += [(f"layers.{layer}.ffn.slots.w13", ep.w13), (f"layers.{layer}.ffn.slots.w2", ep.w2)]
+        return named
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def forward(self, key: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: token ids ``[batch, seq]`` on the first stage, else ``[batch, seq, hidden]``. Returns the
+        stage output and its balance loss (a detached value: :meth:`backward` takes its gradient).
+        With grad enabled the segments are kept under ``key`` until :meth:`backward`."""
+        st = self.stage
+        if st.is_first:
+            x = F.embedding(x, st.embed)
+        segments = []
+        aux = x.new_zeros(())
+        for layer, block in st.layers.items():
+            x = x + block.attn(block.attn_norm(x))
+            ep = self.moe.get(int(layer))
+            if ep is None:
+                x = x + block.ffn(block.ffn_norm(x))
+                continue
+            mb = MicroBatch(key)
+            ep.gate(mb, block.ffn_norm(x))
+            aux = aux + mb.aux.detach()
+            run_comm(ep.dispatch(mb))
+            ep.experts(mb)
+            run_comm(ep.combine(mb))
+            leaf = x.detach().requires_grad_(x.requires_grad)
+            segments.append(_Segment(ep, mb, x, leaf))
+            x = leaf + ep.finish(mb)
+        if st.is_last:
+            x = linear(st.norm(x), st.head)
+        if torch.is_grad_enabled():
+            self._segments[key] = segments
+        return x, aux
+
+    def backward(self, key: object, roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
+                 aux_grad: torch.Tensor | None) -> None:
+        """Backward of :meth:`forward` under ``key`` from the last segment's ``roots`` / ``grads``
+        (e.g. the loss, or the output and the gradient received for it), each MoE's balance loss
+        weighted by ``aux_grad`` (None: not trained). Gradients accumulate into the parameters and
+        the chunk input's ``.grad``."""
+        torch.autograd.backward(list(roots), list(grads))
+        for seg in reversed(self._segments.pop(key)):
+            ep, mb = seg.ep, seg.mb
+            mb.grad_routed = mb.routed.grad
+            mb.grad_shared = mb.shared_leaf.grad if mb.shared is not None else None
+            run_comm(ep.combine_backward(mb))
+            ep.experts_backward(mb)
+            run_comm(ep.dispatch_backward(mb))
+            ep.gate_backward(mb, aux_grad, residual=(seg.residual, seg.residual_leaf.grad))

@@ -117,7 +117,9 @@ def _bind_device(comm: MPI.Comm, cfg: TrainConfig) -> str:
     --device flag or $HETEROPIPE_DEVICE, and what the node has (runtime.device decides)."""
     local = local_rank_from_env(os.environ)
     if local is None:
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local = node.Get_rank()
+        node.Free()
     override = os.environ.get("HETEROPIPE_DEVICE") if cfg.device == "auto" else None
     choice = choose_device(local_rank=local, accelerators=probe_accelerators(), override=override or cfg.device,
                            share=cfg.share_device)

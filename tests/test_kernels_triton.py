@@ -284,6 +284,13 @@ def test_bf16_gemms(gen):
     _gemm_checks(cg[40:], a[40:].float(), bg[2].float())
 
 
+def test_autotune_key_buckets_token_counts():
+    """The dense GEMM's autotune key: per-microbatch / per-expert token counts within a power of two
+    share a key (one tuning), so a new count does not re-tune; the weight dims stay exact."""
+    assert {triton_ops.tune_bucket(m) for m in (2049, 3000, 4096)} == {4096}
+    assert triton_ops.tune_bucket(4097) == 8192 and triton_ops.tune_bucket(1) == triton_ops.tune_bucket(16) == 16
+
+
 def test_argument_errors():
     a = torch.zeros(4, 130, dtype=FP8_DTYPE, device=DEVICE)
     s = torch.ones(4, 2, device=DEVICE)

@@ -174,9 +174,13 @@ def _run_supervised(n: int, module: str, args: list[str] | None, *, timeout: flo
                 rc = EXIT_CODE if rc <= 0 else rc
                 break
             if rc is not None:
-                sup.receive(0.2)  # a rank that raised may have reported just before the end
-                verdict = sup.check() if rc else None
-                if verdict is not None and verdict["verdict"] == "failed":
+                verdict = None
+                if rc:  # the job ended itself: take the last messages and exits, then say who started it
+                    sup.receive(0.2)
+                    time.sleep(0.5)
+                    sup.receive(0)
+                    verdict = sup.check()
+                if verdict is not None and verdict["verdict"] in ("failed", "died"):
                     path = sup.write_report(verdict)
                     say(verdict["text"] + (f"\n  full report: {path}" if path else ""))
                 break

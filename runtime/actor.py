@@ -103,16 +103,11 @@ class Actor(abc.ABC):
         """Where this rank is now (read from the heartbeat thread while the main thread runs).
 
         ``waits_for``: the ranks this one has receives open from — a stalled rank is blocked on one
-        of them (the supervisor follows these edges to the culprit); None if the list changed
-        under the read (retried at the next heartbeat)."""
-        try:
-            pending = self.transport.pending()
-        except RuntimeError:  # an operation completed under us: report without it this time
-            pending = None
-        waits_for = None if pending is None else sorted({p["peer"] for p in pending if p["op"] == "recv"})
+        of them (the supervisor follows these edges to the culprit)."""
+        pending = self.transport.pending()
         return {"step": self.progress_step, "action": str(self.progress_action), "count": self.progress_count,
-                "waits_for": waits_for, "pending": pending[:16] if pending else pending,
-                "num_pending": len(pending) if pending is not None else None, "last_step_s": self.last_step_s,
+                "waits_for": sorted({p["peer"] for p in pending if p["op"] == "recv"}), "pending": pending[:16],
+                "num_pending": len(pending), "last_step_s": self.last_step_s,
                 "last_compute_s": self.last_compute_s, "flight": self.flight.tail(24)}
 
     def supervise(self, address: str, *, interval_s: float = 1.0, log_dir: str | None = None) -> None:

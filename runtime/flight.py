@@ -28,15 +28,7 @@ class FlightRecorder:
 
     def tail(self, n: int | None = None) -> list[dict]:
         """The newest ``n`` entries (all if None), oldest first, as dicts with ``age_s`` from now."""
-        # list() of a deque another thread appends to can raise; a copy by slicing retries cheaply.
-        for _ in range(3):
-            try:
-                entries = list(self._ring)
-                break
-            except RuntimeError:
-                continue
-        else:
-            return []
+        entries = list(self._ring)  # one C call under the GIL: the appending thread cannot interleave
         if n is not None:
             entries = entries[-n:]
         now = time.monotonic_ns()

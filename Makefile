@@ -52,6 +52,15 @@ bench-transport: setup
 bench-kernels: setup
 	$(PY) -m bench.kernels
 
+# The GPU check (issue 14): fetch the cp312 wheels a registry-less GPU machine lacks into .whl/,
+# then run bench/device_check.sh there (carry .whl); `make device-check` runs it on this machine.
+.PHONY: device-wheels device-check
+device-wheels: setup
+	PYTHON=$(PY) bash bench/device_wheels.sh
+
+device-check:
+	bash bench/device_check.sh
+
 bench-pipeline: setup
 	$(PY) -m bench.pipeline
 

@@ -70,3 +70,11 @@ def test_staging_reuses_pinned_buffers_on_cuda():
     assert staging.to_device(h).device.type == "cuda"
     info = describe_device("cuda")
     assert info["capability"] and info["backend"].startswith("cuda")
+
+
+def test_device_config_errors_name_the_field():
+    from actors.config import from_dict
+
+    with pytest.raises(ValueError, match="device='gpu': choose auto, cpu, cuda, cuda:N, npu or npu:N"):
+        from_dict({}, {"device": "gpu"})
+    assert from_dict({}, {"device": "cuda:1", "share_device": True}).device == "cuda:1"

@@ -2,8 +2,9 @@
 
 ``DIR/step-00000010/`` holds ``rank-R.pt`` for every pipeline rank and ``manifest.json``. A shard
 is everything rank R's future depends on: its chunks' parameters and balancing biases (the
-modules' state dicts), AdamW's moments and step counts, torch's RNG state and the next step (the
-data position: every microbatch is a pure function of ``(seed, step, index)``). Each file is
+modules' state dicts), AdamW's moments and step counts, torch's (and CUDA's) RNG state and the
+next step (the data position: every microbatch is a pure function of ``(seed, step, index)``).
+Each file is
 written to a temporary name, fsynced and renamed, so a reader sees a whole file or none; rank 0
 writes the manifest (layout, run settings, size and SHA-256 of every shard) only after every rank
 has reported its shard, so a checkpoint without a manifest was interrupted and is never loaded —
@@ -121,6 +122,7 @@ def save(root: str | os.PathLike, actor, cfg: TrainConfig, next_step: int, comm:
         "chunks": {c: mod.state_dict() for c, mod in actor.chunks.items()},
         "optimizer": actor.optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(actor.device) if actor.device.type == "cuda" else None,
     }
     buf = io.BytesIO()
     torch.save(shard, buf)
@@ -157,12 +159,15 @@ def restore(step_dir: Path, manifest: dict, actor, rank: int) -> int:
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ValueError(f"checkpoint {step_dir}: {entry['file']} does not match its manifest checksum "
                          f"(damaged); delete {step_dir} to resume from the one before it")
-    shard = torch.load(io.BytesIO(data), weights_only=True)
+    # tensors straight onto this rank's device, whichever device index wrote them
+    shard = torch.load(io.BytesIO(data), map_location=actor.device, weights_only=True)
     if shard["stages"] != dict(actor.stage_ids):
         raise ValueError(f"checkpoint {step_dir}: rank {rank} held stages {shard['stages']}, this run places "
                          f"{dict(actor.stage_ids)} on it")
     for c, mod in actor.chunks.items():
         mod.load_state_dict(shard["chunks"][c])  # copies in place: the .grad views stay valid
     actor.optimizer.load_state_dict(shard["optimizer"])
-    torch.set_rng_state(shard["torch_rng"])
+    torch.set_rng_state(shard["torch_rng"].cpu())
+    if shard["cuda_rng"] is not None and actor.device.type == "cuda":
+        torch.cuda.set_rng_state(shard["cuda_rng"].cpu(), actor.device)
     return int(shard["next_step"])

@@ -134,7 +134,6 @@ def gemm_speed(shapes: list[tuple[int, int, int]], blockwise: bool) -> list[dict
         else:
             row["scaled_mm_blockwise_tflops"] = "absent" if not blockwise else "shape unsupported"
         rows.append(row)
-        del a, b, aq, bq, ab, bb, bbt
     return rows
 
 

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-__all__ = ["TokenSource", "SyntheticTokens", "TokenFile"]
+__all__ = ["TokenSource", "SyntheticTokens", "TokenFile", "RowShard"]
 
 
 class TokenSource(Protocol):
@@ -134,3 +134,21 @@ class TokenFile:
         rows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64) for s in starts.tolist()])
         stream = torch.from_numpy(rows)
         return stream[:, :-1].contiguous(), stream[:, 1:].contiguous()
+
+
+class RowShard:
+    """Part ``part`` of ``parts`` of every microbatch of ``source``: an expert-parallel rank's own
+    rows. ``batch(step, index, micro_batch)`` draws the global microbatch of ``micro_batch * parts``
+    sequences and returns rows ``part * micro_batch ..`` of it, so the ranks of a stage together
+    see exactly the single-process run's global batch."""
+
+    def __init__(self, source: TokenSource, *, part: int, parts: int):
+        if not 0 <= part < parts:
+            raise ValueError(f"part={part}: must be in 0..parts-1={parts - 1}")
+        self.source, self.part, self.parts = source, part, parts
+        self.seq_len = source.seq_len
+
+    def batch(self, step: int, index: int, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, targets = self.source.batch(step, index, micro_batch * self.parts)
+        rows = slice(self.part * micro_batch, (self.part + 1) * micro_batch)
+        return tokens[rows], targets[rows]

@@ -75,7 +75,9 @@ class EPMoE(torch.nn.Module):
     """One MoE layer's expert-parallel part on ep rank ``me`` of ``group``.
 
     moe: the layer as built on every rank (same seed): its gate, bias, load counter and shared
-        expert are used as they are (replicated); its routed experts are copied for this rank's slots.
+        expert are used as they are (replicated); its routed experts are copied for this rank's slots
+        (:class:`actors.ep_stage.EPChunk` then removes the full ones and registers this module as
+        ``moe.ep``, so the slots are the chunk's parameters ``layers.L.ffn.ep.w13`` / ``.w2``).
     phy2log / log2phy / logcnt: the layer's placement over the group (``topology.rebalance``'s
         ``[num_replicas]``, ``[experts, max_replicas]``, ``[experts]``).
     """
@@ -90,7 +92,8 @@ class EPMoE(torch.nn.Module):
         num_replicas = phy2log.shape[0]
         if num_replicas % group.size:
             raise ValueError(f"placement has {num_replicas} slots: must be a multiple of ep={group.size}")
-        self.moe, self.group, self.me, self.exchange, self.layer = moe, group, me, exchange, layer
+        self._moe = (moe,)  # not a submodule: this module is registered under the MoE (moe.ep)
+        self.group, self.me, self.exchange, self.layer = group, me, exchange, layer
         self.spr = num_replicas // group.size
         self.register_buffer("phy2log", phy2log.clone(), persistent=False)
         self.register_buffer("log2phy", log2phy.clone(), persistent=False)
@@ -110,6 +113,11 @@ class EPMoE(torch.nn.Module):
         what rides along (gate weights, slot ids; the gate-weight gradient in dispatch-bwd)."""
         self.hop1_from = ep_route.hop1_sources(group, me)
         self.node = ep_route.node_ranks(group, me)
+
+    @property
+    def moe(self) -> MoE:
+        """The layer this rank routes for (gate, bias, load, shared expert)."""
+        return self._moe[0]
 
     def experts_parameters(self) -> list[torch.nn.Parameter]:
         """This rank's routed-expert slots (gradients summed only over replicas of an expert)."""

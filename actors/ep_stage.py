@@ -22,13 +22,17 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from mpi4py import MPI
+
 from actors.ep_moe import EPMoE, MicroBatch, run_comm
+from actors.grad_sync import EPGradSync
 from actors.model import MoE, Stage
 from kernels import linear
 from runtime.exchange import Exchange
+from runtime.progress import Progress
 from topology.layout import EPGroup
 
-__all__ = ["EPChunk"]
+__all__ = ["EPChunk", "EPExecutor"]
 
 
 class _Segment:
@@ -46,8 +50,9 @@ class EPChunk:
 
     placement: global MoE layer index -> (phy2log ``[num_replicas]``, log2phy ``[experts, max_replicas]``,
         logcnt ``[experts]``) over the group, for every MoE layer of the stage.
-    The routed-expert parameters of ``stage``'s MoE layers are removed from it (this rank holds
-    its slots in :attr:`moe` instead).
+    The routed-expert parameters of ``stage``'s MoE layers are replaced by this rank's slots
+    (``layers.L.ffn.ep.w13`` / ``.w2``: ``[slots_per_rank, ...]``); :attr:`moe` maps a global MoE
+    layer index to its :class:`~actors.ep_moe.EPMoE`.
     """
 
     def __init__(self, stage: Stage, *, group: EPGroup, me: int,
@@ -61,20 +66,17 @@ class EPChunk:
             if layer not in placement:
                 raise ValueError(f"placement: no entry for MoE layer {layer} of stage {stage.stage}")
             phy2log, log2phy, logcnt = placement[layer]
-            self.moe[layer] = EPMoE(block.ffn, group=group, me=me, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt,
-                                    exchange=exchange, layer=layer)
+            ep = EPMoE(block.ffn, group=group, me=me, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt,
+                       exchange=exchange, layer=layer)
             del block.ffn.w13, block.ffn.w2  # the full expert weights: this rank keeps its slots only
+            block.ffn.ep = ep  # the slots become the stage's parameters (layers.L.ffn.ep.w13 / .w2)
+            self.moe[layer] = ep
         self._segments: dict[object, list[_Segment]] = {}
 
-    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The stage's parameters, then each MoE layer's slots (``layers.L.ffn.slots.w13``: ``[slots_per_rank, ...]``)."""
-        named = list(self.stage.named_parameters())
-        for layer, ep in self.moe.items():
-            named += [(f"layers.{layer}.ffn.slots.w13", ep.w13), (f"layers.{layer}.ffn.slots.w2", ep.w2)]
-        return named
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for _, p in self.named_parameters()]
+    def replicated_parameters(self) -> list[torch.nn.Parameter]:
+        """The stage's parameters every ep rank holds (all but the expert slots), in stage order."""
+        slots = {id(p) for ep in self.moe.values() for p in ep.experts_parameters()}
+        return [p for p in self.stage.parameters() if id(p) not in slots]
 
     def forward(self, key: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: token ids ``[batch, seq]`` on the first stage, else ``[batch, seq, hidden]``. Returns the
@@ -121,3 +123,48 @@ class EPChunk:
             ep.experts_backward(mb)
             run_comm(ep.dispatch_backward(mb))
             ep.gate_backward(mb, aux_grad, residual=(seg.residual, seg.residual_leaf.grad))
+
+
+class EPExecutor:
+    """A pipeline rank's chunks expert-parallel over its stage's ep group
+    (:class:`actors.chunk_exec.ChunkExecutor`).
+
+    comm: the ep communicator (this rank's EP group, ranks in ep order); engine: the rank's
+    progress engine (the pipeline transport's), so exchanges appear in its failure report.
+    Every rank trains on its own ``1/ep`` of each microbatch's rows: its loss and balance loss
+    are weighted ``1 / (ep * microbatches)``.
+    """
+
+    def __init__(self, chunks: Mapping[int, Stage], *, comm: MPI.Comm, group: EPGroup,
+                 placement: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], engine: Progress,
+                 microbatches: int):
+        me = comm.Get_rank()
+        self.comm, self.ep = comm, comm.Get_size()
+        self.loss_scale = 1.0 / self.ep
+        self.exchange = Exchange(comm, engine, name="ep-moe", comm_name=f"ep{self.ep}")
+        self.chunks = {c: EPChunk(stage, group=group, me=me, placement=placement, exchange=self.exchange)
+                       for c, stage in chunks.items()}
+        self._aux_grad = torch.tensor(self.loss_scale / microbatches)
+        self._sync = {c: EPGradSync(comm, replicated=ch.replicated_parameters(), experts=list(ch.moe.values()))
+                      for c, ch in self.chunks.items()}
+
+    def forward(self, chunk: int, key: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.chunks[chunk].forward(key, x)
+
+    def backward(self, chunk: int, key: object, roots, grads) -> None:
+        self.chunks[chunk].backward(key, roots, grads, self._aux_grad)
+
+    def sync_grads(self) -> None:
+        for sync in self._sync.values():
+            sync.sync()
+
+    def grad_sq_sum(self, chunks) -> torch.Tensor:
+        return sum((self._sync[c].grad_sq_sum() for c in chunks), torch.zeros((), dtype=torch.float64))
+
+    def expert_loads(self, loads):
+        return {c: self._sync[c].sum_loads(load) for c, load in loads.items()}
+
+    def microbatch_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        out = losses.to(torch.float64).contiguous().clone()
+        self.comm.Allreduce(MPI.IN_PLACE, out.numpy(), op=MPI.SUM)
+        return out / self.ep

@@ -35,11 +35,13 @@ from mpi4py import MPI
 
 from actors import nonfinite as nf
 from actors.data import TokenSource
+from actors.chunk_exec import ChunkExecutor, LocalExecutor
 from actors.model import ModelConfig, Stage, build_stage, loss_fn
-from actors.optim import AdamW, OptimConfig, grad_sq_sum
+from actors.optim import AdamW, OptimConfig
 from kernels import WeightGradDeferral
 from runtime import log, spans
 from runtime.actor import Actor
+from runtime.progress import Progress
 from runtime.schedules import FB, Compute, Recv, Schedule, Send
 from runtime.staging import HostStaging
 from runtime.transport import TransportConfig
@@ -73,12 +75,16 @@ class StageActor(Actor):
     def __init__(self, *, schedule: Schedule, model: ModelConfig, optim: OptimConfig, data: TokenSource,
                  micro_batch: int, seed: int, program: Callable[[StageActor], object],
                  comm: MPI.Comm = MPI.COMM_WORLD, transport: TransportConfig | None = None, trace: bool = True,
-                 nonfinite: str = "stop", device: torch.device | str = "cpu"):
+                 nonfinite: str = "stop", device: torch.device | str = "cpu",
+                 executor: Callable[[dict[int, Stage], Progress], ChunkExecutor] | None = None):
         """``program(actor)`` is what :meth:`main` runs (e.g. N training steps with progress output).
         ``nonfinite``: a NaN/Inf gradient norm ``stop``s the job (NonFiniteError naming rank, stage,
         layer, microbatch) or ``skip``s the step (no update; logged as ``nonfinite``).
         ``device``: where the chunks, their gradients and optimizer state, activations and received
-        tensors live (runtime.device picks it); tensors cross MPI staged through host memory."""
+        tensors live (runtime.device picks it); tensors cross MPI staged through host memory.
+        ``executor(chunks, engine)``: how the chunks run and combine gradients with the stage's other
+        ranks (default: one rank per stage; ``actors.ep_stage.EPExecutor``: expert parallelism, with
+        ``comm`` the pipeline communicator)."""
         super().__init__(comm, transport=transport, trace=trace)
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r}: choose stop or skip")
@@ -97,6 +103,7 @@ class StageActor(Actor):
         self._early_sends = self._plan_early_sends(self.actions)
         self.stage_ids = {c: schedule.stage_of(self.rank, c) for c in schedule.chunks(self.rank)}
         self.chunks = {c: build_stage(model, s, schedule.num_stages, seed=seed).to(self.device) for c, s in self.stage_ids.items()}
+        self.exec = executor(self.chunks, self.transport.engine) if executor else LocalExecutor(self.chunks)
         for mod in self.chunks.values():
             self._install_progress_hooks(mod)
         self.params = [p for c in sorted(self.chunks) for p in self.chunks[c].parameters()]
@@ -244,6 +251,7 @@ class StageActor(Actor):
         self.progress_action = "step end: mirror sum, grad norm, optimizer, losses"
         self.progress_count += 1
         self._sync_mirror_grads()
+        self.exec.sync_grads()
         if inspect is not None:
             inspect(self)
         t_mirror = time.monotonic_ns()
@@ -374,7 +382,7 @@ class StageActor(Actor):
                 x = x.detach().requires_grad_()
                 self._inputs[key] = x
         t0 = time.monotonic_ns()
-        y, aux = self.chunks[a.chunk](x)
+        y, aux = self.exec.forward(a.chunk, key, x)
         if last:
             if forward_only:
                 self._logits[gmb] = y
@@ -383,7 +391,7 @@ class StageActor(Actor):
                 self._losses[gmb] = value = loss.item()
                 if not math.isfinite(value):  # free check: the loss is on the host already
                     self._bad_losses[gmb] = value
-                scale = 1.0 / self.schedule.microbatches
+                scale = self.exec.loss_scale / self.schedule.microbatches
                 total = loss * scale
                 if aux.requires_grad:
                     total = total + aux * scale
@@ -409,10 +417,10 @@ class StageActor(Actor):
         t0 = time.monotonic_ns()
         if a.split:
             with self._wgrad_deferral.capture() as pending:
-                torch.autograd.backward(roots, grads)
+                self.exec.backward(a.chunk, key, roots, grads)
             self._wgrads[key] = pending
         else:
-            torch.autograd.backward(roots, grads)
+            self.exec.backward(a.chunk, key, roots, grads)
         if stage != 0:
             self._grads[key] = self._inputs.pop(key).grad
         # Free the graph inside the span: tearing down a microbatch's autograd graph is part of
@@ -473,7 +481,7 @@ class StageActor(Actor):
 
     def _step_expert_loads(self) -> dict[int, torch.Tensor]:
         """Each chunk's expert load for the step, summed over the mirrored copy under DualPipe."""
-        loads = {c: mod.expert_load().to("cpu", torch.float64) for c, mod in self.chunks.items()}
+        loads = self.exec.expert_loads({c: m.expert_load().to("cpu", torch.float64) for c, m in self.chunks.items()})
         if self.mirror is None:
             return loads
         tp = self.transport
@@ -486,8 +494,7 @@ class StageActor(Actor):
     def _global_grad_norm(self) -> float:
         """L2 norm of all gradients, each stage counted once; rank 0 sums in rank order."""
         unique = [0] if self.mirror is not None else sorted(self.chunks)
-        local = sum((grad_sq_sum(list(self.chunks[c].parameters())).cpu() for c in unique),
-                    torch.zeros((), dtype=torch.float64))
+        local = self.exec.grad_sq_sum(unique)
         tp = self.transport
         if self.rank == 0:
             hs = [tp.irecv(r, channel=_CH_NORM_UP, shape=(), dtype=torch.float64) for r in range(1, self.size)]
@@ -514,7 +521,7 @@ class StageActor(Actor):
         if sorted(order.tolist()) != list(range(self.schedule.microbatches)):
             raise RuntimeError(f"losses came back for microbatches {sorted(order.tolist())}, expected "
                                f"0..{self.schedule.microbatches - 1}")
-        return table[order.argsort(), 1].tolist()
+        return self.exec.microbatch_losses(table[order.argsort(), 1]).tolist()
 
     def _nonfinite_step(self, step: int, norm: float) -> None:
         """The step's gradient norm is NaN/Inf: locate it on this rank, log it, then stop (raise,

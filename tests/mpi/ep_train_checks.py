@@ -64,8 +64,8 @@ def run_case(comm: MPI.Comm, name: str, *, nodes: int, per_node: int, num_replic
     placement = {layer: (phy2log[i], log2phy[i], logcnt[i]) for i, layer in enumerate(moe_layers)}
     ex = Exchange(comm, Progress(timeout_s=60), name="ep-moe", comm_name=f"ep{ep_size}")
     chunk = EPChunk(stage, group=group, me=me, placement=placement, exchange=ex)
-    replicated = list(stage.parameters())
-    params = chunk.parameters()
+    replicated = chunk.replicated_parameters()
+    params = list(stage.parameters())
     sync = EPGradSync(comm, replicated=replicated, experts=list(chunk.moe.values()))
     opt = AdamW(params, optim)
     rows = slice(me * MICRO_BATCH // ep_size, (me + 1) * MICRO_BATCH // ep_size)
@@ -96,7 +96,8 @@ def run_case(comm: MPI.Comm, name: str, *, nodes: int, per_node: int, num_replic
         if step == 0:
             diffs = {}
             for pname, p in stage.named_parameters():
-                diffs[pname] = calc_diff(p.grad, ref_grads[pname])
+                if ".ep." not in pname:
+                    diffs[pname] = calc_diff(p.grad, ref_grads[pname])
             for layer, ep in chunk.moe.items():
                 first = sync._first[list(chunk.moe).index(layer)]
                 for wname, w in (("w13", ep.w13), ("w2", ep.w2)):

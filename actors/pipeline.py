@@ -530,8 +530,9 @@ class StageActor(Actor):
         found = nf.locate(self.chunks, self.stage_ids)
         text = nf.describe(step, norm, self.rank, found, self._bad_losses)
         # a warning (echoed to stderr) where something was found; the other ranks just note the skip
-        (self.log.warning if found or self._bad_losses else self.log.info)("nonfinite", step=step, norm=str(norm), policy=self.nonfinite, found=found,
-                         bad_losses={str(k): str(v) for k, v in self._bad_losses.items()}, message=text)
+        (self.log.warning if found or self._bad_losses else self.log.info)(
+            "nonfinite", step=step, norm=str(norm), policy=self.nonfinite, found=found,
+            bad_losses={str(k): str(v) for k, v in self._bad_losses.items()}, message=text)
         for mod in self.chunks.values():
             mod.reset_expert_load()
         if self.nonfinite == "stop" and (found or self._bad_losses):
@@ -539,9 +540,14 @@ class StageActor(Actor):
 
     # ------------------------------------------------------------------ actor loop
     def role_info(self) -> dict:
-        """Role, the pipeline stages this rank runs (by chunk) and the schedule, for reports."""
-        return {"role": self.role, "stages": [self.stage_ids[c] for c in sorted(self.stage_ids)],
+        """Role, the pipeline stages this rank runs (by chunk), the schedule and, under expert
+        parallelism, its place in the stage's expert group — for the supervisor's reports."""
+        info = {"role": self.role, "stages": [self.stage_ids[c] for c in sorted(self.stage_ids)],
                 "schedule": self.schedule.name, "num_stages": self.schedule.num_stages}
+        ep_comm = getattr(self.exec, "comm", None)  # only the expert-parallel executor has a group
+        if ep_comm is not None:
+            info["expert_group"] = f"rank {ep_comm.Get_rank()} of {ep_comm.Get_size()}"
+        return info
 
     def main(self):
         return self.program(self)

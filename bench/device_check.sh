@@ -3,7 +3,8 @@
 # loan). Runs from the source tree on the machine's own python3 (torch 2.11 / CUDA 13, Triton 3.6
 # there); wheels it lacks are carried in .whl/ (bash bench/device_wheels.sh, here, first).
 #
-#   device run: command "bash bench/device_check.sh", carry [".whl"], timeout_s 420
+#   device run: command "bash bench/device_check.sh", carry [".whl"], timeout_s 590
+#   (typically ~5 min; the per-step timeouts below bound it at ~9)
 #
 # Steps (each under its own timeout, a failure recorded and the next step still run):
 #   1. facts: GPU, driver, torch/triton versions, whether F.scaled_mm blockwise is present and right;
@@ -61,7 +62,7 @@ status facts $?
 cat "$OUT/facts.json" | tee -a "$OUT/log.txt"
 
 log "2/4 GPU tests"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+timeout 200 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
   tests/test_kernels_gpu.py tests/test_kernels_triton.py \
   "tests/test_kernels_wgrad.py::test_deferral_on_cuda" "tests/test_device.py::test_staging_reuses_pinned_buffers_on_cuda" \
   "tests/test_fp8_training.py::test_two_ranks_on_one_gpu_track_the_cpu_emulation" > "$SCRATCH/tests.txt" 2>&1
@@ -75,7 +76,7 @@ tee -a "$OUT/log.txt" < "$SCRATCH/kernels.txt"
 
 log "4/4 training, 20 steps at fp8 and bf16"
 for prec in fp8 bf16; do
-  timeout 110 "$PY" -m launch.local -n 2 launch.train --config "${DEVICE_CHECK_CONFIG:-bench/device_train.toml}" --precision "$prec" \
+  timeout 100 "$PY" -m launch.local -n 2 launch.train --config "${DEVICE_CHECK_CONFIG:-bench/device_train.toml}" --precision "$prec" \
     --device auto --share-device --log-dir /tmp/heteropipe-logs --run-id "device-$prec" > "$OUT/train-$prec.txt" 2>&1
   status "train-$prec" $?
   tail -n 6 "$OUT/train-$prec.txt" | tee -a "$OUT/log.txt"

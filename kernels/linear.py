@@ -11,8 +11,13 @@ Backends (see :mod:`kernels.backend` for which device gets which):
   block. Input gradient: grad_output quantized 1x128 against the same quantized W (transposed
   blocks). Weight gradient: grad_output and x both quantized 128x1 (per channel, per 128 tokens:
   the reduction axis of ``dW = gᵀ x``), returned in float32. Triton kernels on NVIDIA GPUs with
-  FP8, the torch reference emulation on the CPU. x is saved in its own precision and quantized
-  128x1 when the weight gradient runs.
+  FP8 (dense GEMMs: per shape the faster of Triton and cuBLASLt blockwise ``F.scaled_mm`` where
+  that is present and correct, :mod:`kernels.scaled_mm`), the torch reference emulation on the
+  CPU. What the backward keeps is FP8 (V3 caches FP8 activations): x's 128x1 tiles are made in
+  the forward (a 1x128 copy cannot be re-tiled) and grad_output's in B, so a deferred W holds no
+  full-precision activation. The weight's FP8 copy and its transpose are made once per optimizer
+  step (:mod:`kernels.fp8_weights`). MoE experts: each expert's tokens are padded to whole
+  128-token tiles in the 128x1 copies, so all experts' weight gradients are one K-grouped launch.
 
 Master weights stay in their own dtype (float32): every backend returns weight gradients in the
 weight's dtype. Outputs and input gradients come back in x's dtype.
@@ -103,8 +108,6 @@ def _bias_grad(ctx, g2: torch.Tensor) -> torch.Tensor | None:
     if ctx.bias_dtype is None or not ctx.needs_input_grad[2]:
         return None
     return g2.float().sum(0).to(ctx.bias_dtype)
-
-
 
 
 class _LinearBF16(torch.autograd.Function):

@@ -121,6 +121,7 @@ class SendHandle:
             self._tp._send_done(self)
 
     def describe(self) -> dict:
+        """This send's line in the pending-operation report."""
         hd = self.header
         return {"op": "send", "peer": self.peer, "channel": hd.channel, "kind": hd.kind, "mb": hd.mb,
                 "dir": hd.dir, "chunk": hd.chunk, "seq": hd.seq, "nbytes": hd.nbytes,
@@ -179,6 +180,7 @@ class RecvHandle:
                 self._tp._recv_done(self)
 
     def describe(self) -> dict:
+        """This receive's line in the pending-operation report."""
         e = self.expect or {}
         return {"op": "recv", "peer": self.peer, "channel": self.channel, "kind": e.get("kind"),
                 "mb": e.get("mb", self.header.mb if self.header else None), "dir": e.get("dir"),
@@ -218,6 +220,7 @@ class Transport:
         self._buf_pool: list[np.ndarray] = []
         self._sends: set[SendHandle] = set()
         self._channels: list = []  # schedule-known channels made here (freed by close)
+        self.engine.register(self)
 
     # ------------------------------------------------------------------ schedule-known channels
     def send_channel(self, peer: int, channel: int, *, shape: tuple[int, ...], dtype: torch.dtype,
@@ -286,16 +289,24 @@ class Transport:
         payload = _wire(tensor)
         msg = pack_header(h, payload if h.inline else None)
         handle = SendHandle(self, h, (msg, tensor), sync)
-        send = self.comm.Issend if sync else self.comm.Isend
-        self.engine.add(send([msg, MPI.BYTE], peer, 2 * channel), handle, 0)
-        handle.open = 1
         if not h.inline:
             self.engine.add(self.comm.Isend([payload, MPI.BYTE], peer, 2 * channel + 1), handle, 1)
-            handle.open = 2
+            handle.open = 1
         if sync:
+            self.engine.add(self.comm.Issend([msg, MPI.BYTE], peer, 2 * channel), handle, 0)
+            handle.open += 1
             s.sync = handle
-        self._sends.add(handle)
-        self.engine.track(handle)
+        else:
+            # an eager header is complete when Isend returns: tested at once, it never enters the
+            # engine's request list
+            req = self.comm.Isend([msg, MPI.BYTE], peer, 2 * channel)
+            if not req.Test():
+                self.engine.add(req, handle, 0)
+                handle.open += 1
+        if handle.open == 0:
+            self._send_done(handle)
+        else:
+            self._sends.add(handle)
         return handle
 
     def irecv(self, peer: int, *, channel: int = 0, shape: tuple[int, ...] | None = None,
@@ -324,7 +335,6 @@ class Transport:
         self.engine.add(self.comm.Irecv([h.hdr_buf, MPI.BYTE], peer, 2 * channel), h, 0)
         h.open = 1
         s.recvs.append(h)
-        self.engine.track(h)
         self._post_payloads(s)
         return h
 
@@ -355,7 +365,6 @@ class Transport:
         h.t_done = time.monotonic_ns()
         h.keep = ()
         self._sends.discard(h)
-        self.engine.untrack(h)
         if self._on_span is not None:
             self._span(spans.SEND, h.t_post, h.t_done, h.header)
 
@@ -401,7 +410,6 @@ class Transport:
         # Receives complete in stream order: the payload tag is FIFO and headers precede payloads.
         while s.recvs and s.recvs[0].done:
             s.recvs.popleft()
-        self.engine.untrack(h)
         if self._on_span is not None:
             self._span(spans.RECV, h.t_post, h.t_done, h.header)
         if h.on_done is not None:
@@ -418,10 +426,10 @@ class Transport:
         received tensor (None for a send). Past the deadline: CommTimeout with the pending report."""
         if isinstance(handle, RecvHandle):
             self.engine.wait(lambda: handle.done, lambda: f"rank {self.rank}: receive from rank {handle.peer} "
-                             f"channel {handle.channel} (expect {handle.expect}) got nothing", timeout)
+                             f"channel {handle.channel} (expect {handle.expect}) got nothing", timeout, handle)
             return handle.tensor
         self.engine.wait(lambda: handle.done, lambda: f"rank {self.rank}: send to rank {handle.peer} channel "
-                         f"{handle.header.channel} mb {handle.header.mb} was not received", timeout)
+                         f"{handle.header.channel} mb {handle.header.mb} was not received", timeout, handle)
         return None
 
     def recv(self, peer: int, **kwargs) -> torch.Tensor:
@@ -437,8 +445,18 @@ class Transport:
         self.engine.wait(done, lambda: f"rank {self.rank}: {len(self._sends)} sends were not received", timeout)
 
     def pending(self) -> list[dict]:
-        """Every open operation on the engine: op, peer, channel, kind, microbatch, seq, state, age."""
+        """Every open operation on the engine (this transport's and any other registered user's):
+        op, peer, channel, kind, microbatch, seq, state, age in seconds."""
         return self.engine.pending()
+
+    def open_operations(self) -> list[dict]:
+        """This transport's part of the report: dynamic sends and receives, then its channels'."""
+        out = [h.describe() for h in list(self._sends)]
+        for s in list(self._streams.values()):
+            out += [h.describe() for h in list(s.recvs) if not h.done]
+        for ch in list(self._channels):
+            out += ch.open_operations()
+        return out
 
     def close(self, timeout: float | None = None) -> None:
         """Flush sends, then cancel receives nobody will answer. Raises if receives were still open."""

@@ -24,7 +24,8 @@ class Faulty(Actor):
     def main(self) -> None:
         if MODE == "raise":
             if self.rank == 2:
-                self.transport.isend(0, torch.ones(3), channel=7, mb=5)
+                # 4 MiB: more than MPI sends eagerly, so the send stays open (an eager one is done at once)
+                self.transport.isend(0, torch.ones(1 << 20), channel=7, mb=5)
                 raise ValueError("boom from rank 2")
             # everyone else waits for a message rank 2 will never send
             self.transport.recv(2, channel=9, expect={"kind": "act", "mb": 11})

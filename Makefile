@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 RANKS  ?= 4
 ARGS   ?=
 
-.PHONY: help setup run demo test test-fast bench bench-transport bench-kernels bench-pipeline bench-telemetry bench-moe schedule topology analyze clean
+.PHONY: help setup run demo test test-fast bench bench-transport bench-kernels bench-pipeline bench-telemetry bench-moe bench-placement schedule topology analyze clean
 
 help:
 	@echo "make setup   - create $(VENV) with torch 2.13.0 (CPU build here), mpi4py + mpich wheel, the rest"
@@ -14,7 +14,7 @@ help:
 	@echo "make analyze - figures, Perfetto trace and timeline PNG of the newest run in logs/ (ARGS='--steps 3:10')"
 	@echo "make demo    - actors pass tensors around a ring on $(RANKS) ranks (runtime smoke test)"
 	@echo "make test    - run the test suite (pytest; multi-rank tests launch real mpiexec)"
-	@echo "make bench   - transport, kernel, pipeline, telemetry and EP dispatch/combine benchmarks (tables + JSON in bench/results/)"
+	@echo "make bench   - transport, kernel, pipeline, telemetry, EP dispatch/combine and expert placement benchmarks (tables + JSON in bench/results/)"
 	@echo "make schedule ARGS='dualpipe --pp 8 --microbatches 20' - print a pipeline schedule"
 	@echo "make topology ARGS='--nodes 8 --devices-per-node 8 --max-nodes 4' - rank layout, expert placement, predicted EP traffic"
 	@echo "make clean   - remove logs, caches and bench results (keeps $(VENV))"
@@ -44,7 +44,7 @@ test: setup
 test-fast: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not mpi and not slow" $(ARGS)
 
-bench: bench-transport bench-kernels bench-pipeline bench-telemetry bench-moe
+bench: bench-transport bench-kernels bench-pipeline bench-telemetry bench-moe bench-placement
 
 bench-transport: setup
 	$(PY) -m launch.local -n 2 bench.transport
@@ -69,6 +69,9 @@ bench-telemetry: setup
 
 bench-moe: setup
 	OMP_NUM_THREADS=1 $(PY) -m launch.local -n 4 bench.moe
+
+bench-placement: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.placement
 
 schedule: setup
 	$(PY) -m launch.schedule $(ARGS)

@@ -41,6 +41,7 @@ price of the bytes moved) wins against the fresh plan relabelled to overlap the 
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,7 @@ __all__ = ["Migration", "choose_replicas", "expert_state_bytes", "group_home_nod
 
 _GIB = float(1 << 30)
 _TOL = 1e-9  # relative to the mean device load: moves must gain more than rounding noise
+_GOOD_ENOUGH = 0.01  # a plan within 1% of the mean is kept; otherwise the second count candidate is tried
 
 
 def expert_state_bytes(num_params: int, weight_bytes: int = 2) -> int:
@@ -209,9 +211,32 @@ def _plan_layer(w: np.ndarray, shape: _Shape, prev: np.ndarray | None, price: fl
     dev_node = np.arange(num_devices) // per_node
     prev_home = _homes_of(prev, shape) if prev is not None else None
     home = _pack_groups(w, shape) if prev_home is None else prev_home
-    cnt = _replica_counts(w, shape.num_replicas, num_devices, shape.num_groups)
     one_per_device = np.ones((shape.num_experts, num_devices), dtype=np.int64)
-    node_cap = _node_caps(cnt, home, num_nodes, per_node)
+    plans = []
+    for cnt in _replica_counts(w, shape.num_replicas, num_devices, shape.num_groups):
+        if plans and plans[0][0] <= 1 + _GOOD_ENOUGH:
+            break
+        node_cap = _node_caps(cnt, home, num_nodes, per_node)
+        slots = _fresh_plan(w, cnt, home, shape, node_cap)
+        plans.append((_imbalance_1(w, slots, shape), len(plans), slots, node_cap))
+    _, _, slots, node_cap = min(plans)
+    if prev is None:
+        return slots.ravel()
+    prev_slots = prev.reshape(num_devices, shape.slots)
+    candidates = [_align(slots, prev_slots, shape)]
+    if prev_home is not None and _distinct(prev_slots):
+        prev_node_held = np.zeros((shape.num_experts, num_nodes), dtype=np.int64)
+        np.add.at(prev_node_held, (prev_slots, dev_node[:, None]), 1)
+        candidates.append(_local_search(w, prev_slots.copy(), home, dev_node, shape.speed, one_per_device,
+                                        np.maximum(node_cap, prev_node_held), prev_slots, price))
+    cost = [_imbalance_1(w, c, shape) + price * _moved(c, prev_slots, shape.num_experts) for c in candidates]
+    return candidates[int(np.argmin(cost))].ravel()
+
+
+def _fresh_plan(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shape, node_cap: np.ndarray) -> np.ndarray:
+    """Steps 3-4 of the module docstring for given counts: slots [num_devices, slots]."""
+    num_devices, num_nodes = shape.num_devices, shape.num_nodes
+    per_node = num_devices // num_nodes
     if home[0] >= 0:  # node level first: node loads can differ from group loads only via free replicas
         node_speed = shape.speed.reshape(num_nodes, per_node).sum(1)
         nodes = _node_packing(w, cnt, home, shape, node_speed, node_cap)
@@ -225,18 +250,8 @@ def _plan_layer(w: np.ndarray, shape: _Shape, prev: np.ndarray | None, price: fl
             _lpt(rl, nodes[n], shape.slots, shape.speed[n * per_node:(n + 1) * per_node]) for n in range(num_nodes)])
     else:
         slots = _lpt(w / cnt, np.repeat(np.arange(shape.num_experts), cnt), shape.slots, shape.speed)
-    slots = _local_search(w, slots, home, dev_node, shape.speed, one_per_device, node_cap, None, 0.0)
-    if prev is None:
-        return slots.ravel()
-    prev_slots = prev.reshape(num_devices, shape.slots)
-    candidates = [_align(slots, prev_slots, shape)]
-    if prev_home is not None and _distinct(prev_slots):
-        prev_node_held = np.zeros((shape.num_experts, num_nodes), dtype=np.int64)
-        np.add.at(prev_node_held, (prev_slots, dev_node[:, None]), 1)
-        candidates.append(_local_search(w, prev_slots.copy(), home, dev_node, shape.speed, one_per_device,
-                                        np.maximum(node_cap, prev_node_held), prev_slots, price))
-    cost = [_imbalance_1(w, c, shape) + price * _moved(c, prev_slots, shape.num_experts) for c in candidates]
-    return candidates[int(np.argmin(cost))].ravel()
+    return _local_search(w, slots, home, np.arange(num_devices) // per_node, shape.speed,
+                         np.ones((shape.num_experts, num_devices), dtype=np.int64), node_cap, None, 0.0)
 
 
 def _node_caps(cnt: np.ndarray, home: np.ndarray, num_nodes: int, per_node: int) -> np.ndarray:
@@ -284,9 +299,12 @@ def _pack_groups(w: np.ndarray, shape: _Shape) -> np.ndarray:
     return np.repeat(home, shape.num_experts // shape.num_groups)
 
 
-def _replica_counts(w: np.ndarray, num_replicas: int, num_devices: int, num_groups: int) -> np.ndarray:
-    """Replicas per expert: each extra one to the expert whose replicas carry the most. Ties go
-    round-robin over the groups (equal loads must not pile every extra replica into group 0)."""
+def _replica_counts(w: np.ndarray, num_replicas: int, num_devices: int, num_groups: int) -> list[np.ndarray]:
+    """Candidate replicas per expert (step 2), at most num_devices each. Greedy: each extra replica
+    to the expert whose replicas carry the most (ties round-robin over the groups, so that equal
+    loads do not pile every extra replica into group 0). Filler: just enough replicas that none
+    carries more than a device's share, the remaining slots filled with the lightest experts (a
+    slot must hold something; a light replica adds almost nothing where it lands)."""
     per_group = len(w) // num_groups
     tie = (np.arange(len(w)) % per_group) * num_groups + np.arange(len(w)) // per_group
     cnt = np.ones(len(w), dtype=np.int64)
@@ -297,7 +315,20 @@ def _replica_counts(w: np.ndarray, num_replicas: int, num_devices: int, num_grou
         cnt[e] = c + 1
         if c + 1 < num_devices:  # a device never holds two replicas of one expert
             heapq.heappush(heap, (-w[e] / (c + 1), c + 1, t, e))
-    return cnt
+    share = w.sum() / num_devices
+    if share <= 0:
+        return [cnt]
+    filler = np.clip(np.ceil(w / share - 1e-9), 1, num_devices).astype(np.int64)
+    spare = num_replicas - filler.sum()
+    if spare < 0 or np.array_equal(filler, cnt):
+        return [cnt]
+    for e in itertools.islice(itertools.cycle(np.argsort(w, kind="stable")), None):
+        if spare == 0:
+            break
+        if filler[e] < num_devices:
+            filler[e] += 1
+            spare -= 1
+    return [cnt, filler]
 
 
 def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shape,
@@ -387,7 +418,6 @@ def _local_search(w: np.ndarray, slots: np.ndarray, home: np.ndarray, cont_node:
     new_pay = np.full((num_experts, num_cont), price)  # cost of a replica of e newly in container c
     if prev_slots is not None:
         new_pay[prev_slots.reshape(-1), dev] = 0.0
-    at_home = cont_node[None, :] == home[:, None]  # [experts, containers]
     mean = w.sum() / speed.sum()
     if mean <= 0:
         return slots
@@ -399,26 +429,29 @@ def _local_search(w: np.ndarray, slots: np.ndarray, home: np.ndarray, cont_node:
         top = load[d]
         mine = np.arange(d * per_cont, (d + 1) * per_cont)
         x = flat[mine]
-        home_cnt = (holds * at_home).sum(1)
+        home_cnt = np.where(home >= 0, node_holds[np.arange(num_experts), np.maximum(home, 0)], 0)
         # leaving container c's node breaks the home rule for the sole replica on the home node
         pinned = (home >= 0) & (home_cnt == 1)
-        # swaps: slot i on d with slot j elsewhere
-        y, dj = flat, dev
+        # swaps: slot i on d with slot j elsewhere (columns that no row can use are dropped first)
+        cross_all = node != cont_node[d]
+        cols = np.flatnonzero((dev != d) & (holds[flat, d] < cap[flat, d])
+                              & ~(pinned[flat] & (home[flat] == node) & cross_all)
+                              & ~(cross_all & (node_holds[flat, cont_node[d]] >= node_cap[flat, cont_node[d]])))
+        y, dj, cross = flat[cols], dev[cols], cross_all[cols]
         new_d = top + (rl[y][None, :] - rl[x][:, None]) / speed[d]
         new_j = load[dj][None, :] + (rl[x][:, None] - rl[y][None, :]) / speed[dj][None, :]
-        cross = node != cont_node[d]
-        ok = ((dj != d)[None, :] & (x[:, None] != y[None, :])
-              & (holds[y, d] < cap[y, d])[None, :] & (holds[x[:, None], dj[None, :]] < cap[x[:, None], dj[None, :]])
+        ok = ((x[:, None] != y[None, :]) & (holds[x[:, None], dj[None, :]] < cap[x[:, None], dj[None, :]])
               & ~((pinned[x] & (home[x] == cont_node[d]))[:, None] & cross[None, :])
-              & ~(cross & (node_holds[y, cont_node[d]] >= node_cap[y, cont_node[d]]))[None, :]
-              & ~(cross[None, :] & (node_holds[x[:, None], node[None, :]] >= node_cap[x[:, None], node[None, :]]))
-              & ~(pinned[y] & (home[y] == node) & cross)[None, :])
+              & ~(cross[None, :] & (node_holds[x[:, None], node[cols][None, :]]
+                                    >= node_cap[x[:, None], node[cols][None, :]])))
         score = np.maximum(new_d, new_j)
         pay = (new_pay[y, d][None, :] + new_pay[x[:, None], dj[None, :]]
                - new_pay[x, d][:, None] - new_pay[y, dj][None, :])
         gain = np.where(ok & (score < top - tol), (top - score) / mean - pay, -np.inf)
-        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
-        best = (gain[i, j], "swap", i, j)
+        best = (-np.inf, "swap", 0, 0)
+        if gain.size:
+            i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
+            best = (gain[i, j], "swap", i, cols[j])
         # re-pointing: slot i on d now holds expert b instead of a (a loses a replica, b gains one)
         delta = w / (cnt + 1) - rl  # each of b's replicas lightens ...
         lighter = load[None, :] + holds * delta[:, None] / speed[None, :]
@@ -444,12 +477,33 @@ def _local_search(w: np.ndarray, slots: np.ndarray, home: np.ndarray, cont_node:
             b = int(np.argmax(g))
             if g[b] > best[0]:
                 best = (g[b], "point", i, b)
+        # growing: one of d's experts b gains a replica in slot j elsewhere (replacing expert a
+        # there, which loses one): every container holding b lightens, d included
+        a_all = flat
+        grow = np.where(cnt >= 2, w / np.maximum(cnt - 1, 1) - rl, 0.0)
+        heavier = np.where(holds > 0, load[None, :] + holds * grow[:, None] / speed[None, :], -np.inf)
+        first = heavier.argmax(1)
+        top1 = heavier[np.arange(num_experts), first]
+        heavier[np.arange(num_experts), first] = -np.inf
+        a_side = np.where(first[a_all] == dev, heavier.max(1)[a_all], top1[a_all])  # other holders of a
+        b_side = np.where(holds > 0, load[None, :] + holds * delta[:, None] / speed[None, :], -np.inf).max(1)
+        ok_a = ((dev != d) & (cnt[a_all] >= 2) & (w[a_all] / np.maximum(cnt[a_all] - 1, 1) <= heavy)
+                & ~(pinned[a_all] & (home[a_all] == node) & (holds[a_all, dev] == 1)))
+        base_j = load[dev] + (-rl[a_all] + (holds[a_all, dev] - 1) * grow[a_all]) / speed[dev]
+        bs = np.unique(x)[:, None]  # [candidates b, 1] against every slot j
+        new_j = base_j + (holds[bs, dev] * delta[bs] + w[bs] / (cnt[bs] + 1)) / speed[dev]
+        sc = np.maximum(np.maximum(new_j, a_side), b_side[bs])
+        okj = (ok_a & (a_all != bs) & (holds[bs, dev] < cap[bs, dev]) & (node_holds[bs, node] < node_cap[bs, node])
+               & (sc < top - tol))
+        g = np.where(okj, (top - sc) / mean - new_pay[bs, dev] + new_pay[a_all, dev], -np.inf)
+        k, j = np.unravel_index(int(np.argmax(g)), g.shape)
+        if g[k, j] > best[0]:
+            best = (g[k, j], "grow", j, bs[k, 0])
         if not best[0] > _TOL:
             break
         _, kind, i, j = best
-        a, s = x[i], mine[i]
         if kind == "swap":
-            b, dj_ = flat[j], dev[j]
+            a, s, b, dj_ = x[i], mine[i], flat[j], dev[j]
             flat[s], flat[j] = b, a
             holds[a, d] -= 1
             holds[b, d] += 1
@@ -457,13 +511,15 @@ def _local_search(w: np.ndarray, slots: np.ndarray, home: np.ndarray, cont_node:
             holds[a, dj_] += 1
             node_holds[[a, b], [cont_node[d], cont_node[d]]] += [-1, 1]
             node_holds[[b, a], [cont_node[dj_], cont_node[dj_]]] += [-1, 1]
-        else:
-            flat[s] = j
-            holds[a, d] -= 1
-            holds[j, d] += 1
-            node_holds[[a, j], [cont_node[d], cont_node[d]]] += [-1, 1]
-            cnt[a] -= 1
-            cnt[j] += 1
+            continue
+        s, b = (mine[i], j) if kind == "point" else (i, j)  # slot s now holds expert b
+        a, c = flat[s], dev[s]
+        flat[s] = b
+        holds[a, c] -= 1
+        holds[b, c] += 1
+        node_holds[[a, b], [cont_node[c], cont_node[c]]] += [-1, 1]
+        cnt[a] -= 1
+        cnt[b] += 1
     return slots
 
 

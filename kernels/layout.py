@@ -107,15 +107,16 @@ def check_gemm(
 
 def check_grouped_wgrad(
     a: torch.Tensor,
-    a_scale: torch.Tensor,
+    a_scale: torch.Tensor | None,
     b: torch.Tensor,
-    b_scale: torch.Tensor,
+    b_scale: torch.Tensor | None,
     k_offsets: Sequence[int],
     out_dtype: torch.dtype,
 ) -> None:
-    """Validate the K-grouped weight-gradient GEMM's operands (``a[M, Tp]``, ``b[N, Tp]``, 1x128 scales)."""
+    """Validate the K-grouped weight-gradient GEMM's operands (``a[M, Tp]``, ``b[N, Tp]``, 1x128
+    scales; None for BF16)."""
     check_gemm(a, a_scale, b, b_scale, out_dtype, grouped=False)
-    if b_scale.shape[0] != b.shape[0]:
+    if b_scale is not None and b_scale.shape[0] != b.shape[0]:
         raise ValueError(f"b_scale must be [N, Tp/128] = {(b.shape[0], a_scale.shape[1])} (1x128 tiles along tokens), "
                          f"got {tuple(b_scale.shape)}")
     offs = list(k_offsets)

@@ -39,7 +39,7 @@ import torch
 from kernels import reference, scaled_mm
 from kernels.backend import BACKENDS, fp8_impl
 from kernels.fp8_weights import fp8_weight
-from kernels.layout import expert_offsets
+from kernels.layout import expert_offsets, tile_offsets
 from kernels.scaled_mm import BlockwiseOps
 from kernels.wgrad import accumulate_grad, deferred, pending_weight_grads
 
@@ -198,6 +198,12 @@ def linear(
     return _LinearFP8.apply(x, weight, bias)
 
 
+def _token_padded(x: torch.Tensor, offsets: Sequence[int], tiles: Sequence[int]) -> torch.Tensor:
+    """``x[T, K]`` -> ``[tiles[-1], K]``: expert e's rows moved to start at ``tiles[e]``, zeros between."""
+    index = torch.cat([torch.arange(lo, hi) - lo + t for lo, hi, t in zip(offsets, offsets[1:], tiles)])
+    return x.new_zeros(tiles[-1], x.shape[1]).index_copy_(0, index.to(x.device), x)
+
+
 def _segments(offsets: Sequence[int]) -> list[tuple[int, int, int]]:
     return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(offsets, offsets[1:]))]
 
@@ -275,12 +281,25 @@ class _GroupedLinear(torch.autograd.Function):
                 for i, lo, hi in segs:
                     grad_x[lo:hi] = mm(grad_y[lo:hi], weight[i])
 
-            def wgrad() -> torch.Tensor:
-                dw = torch.zeros_like(weight)
-                for i, lo, hi in segs:
-                    if hi > lo:
-                        dw[i] = mm(grad_y[lo:hi].t(), x[lo:hi])
-                return dw
+            if backend == "bf16" and ctx.needs_input_grad[1] and _bf16_grouped_triton(grad_y.device):
+                from kernels import triton_ops
+
+                # One K-grouped launch for all experts, on token-padded copies (tokens are the K axis).
+                tiles = tile_offsets(offsets)
+                gp = _token_padded(grad_y.to(torch.bfloat16), offsets, tiles)
+                xp = _token_padded(x, offsets, tiles)
+
+                def wgrad() -> torch.Tensor:
+                    return triton_ops.bf16_grouped_wgrad(gp.t(), xp.t(), tiles, torch.bfloat16)
+
+            else:
+
+                def wgrad() -> torch.Tensor:
+                    dw = torch.zeros_like(weight)
+                    for i, lo, hi in segs:
+                        if hi > lo:
+                            dw[i] = mm(grad_y[lo:hi].t(), x[lo:hi])
+                    return dw
 
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(weight, wgrad)

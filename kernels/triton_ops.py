@@ -70,6 +70,7 @@ __all__ = [
     "tune_bucket",
     "bf16_gemm",
     "bf16_grouped_gemm",
+    "bf16_grouped_wgrad",
 ]
 
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
@@ -499,7 +500,7 @@ def _launch_gemm(
         if tiles.shape[0] == 0:
             return
     elif grouped_k:
-        tiles = torch.tensor([o // BLOCK for o in k_offsets], dtype=torch.int64).to(a.device)
+        tiles = torch.tensor([o // block_k for o in k_offsets], dtype=torch.int64).to(a.device)
     else:
         tiles = a
     c3 = c if grouped_k else c.unsqueeze(0)
@@ -619,6 +620,30 @@ def bf16_grouped_gemm(
     if c.numel():
         _launch_gemm(a, b, c, None, None, offsets)
     return c
+
+
+def bf16_grouped_wgrad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    k_offsets: Sequence[int],
+    out_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """K-grouped ``out[e] = a[:, ks_e] · b[:, ks_e]ᵀ -> [E, M, N]`` in BF16, all experts in one launch.
+
+    The BF16 MoE weight gradient: ``a[M, Tp]`` and ``b[N, Tp]`` bfloat16 (any strides: a
+    transposed view of token-major rows is fine), experts' tokens at ``k_offsets`` (multiples of 128,
+    zero padding between, :func:`kernels.layout.tile_offsets`).
+    """
+    check_grouped_wgrad(a, None, b, None, k_offsets, out_dtype)
+    _check_bf16(a, b)
+    shape = (len(k_offsets) - 1, a.shape[0], b.shape[0])
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=a.device)
+    _check_out(out, shape, out_dtype, a.device, "out")
+    if out.numel():
+        _launch_gemm(a, b, out, None, None, None, list(k_offsets))
+    return out
 
 
 def _check_bf16(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -66,16 +66,20 @@ class Costs:
     """Optional per-stage factor on every compute of that stage (uneven stages: the first holds the
     embedding, the last the head and loss); one entry per model stage, () = all stages cost the same.
     An overlapped pair scales by its halves' factors weighted by their costs."""
+    rank_scale: tuple[float, ...] = ()
+    """Optional per-rank factor on every compute of that rank, on top of :attr:`stage_scale` (a
+    slower device: 1 / its relative speed); one entry per rank, () = all ranks equally fast."""
 
     def __post_init__(self) -> None:
         for name in ("f", "b", "w", "fb", "comm"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"Costs.{name}={v!r}: must be a finite number >= 0")
-        object.__setattr__(self, "stage_scale", tuple(self.stage_scale))
-        for i, v in enumerate(self.stage_scale):
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"Costs.stage_scale[{i}]={v!r}: must be a finite number > 0")
+        for name in ("stage_scale", "rank_scale"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            for i, v in enumerate(getattr(self, name)):
+                if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    raise ValueError(f"Costs.{name}[{i}]={v!r}: must be a finite number > 0")
         if self.w > self.b:
             raise ValueError(f"Costs.w={self.w} > Costs.b={self.b}: W is part of the full backward B; use w <= b")
         if self.fb < max(self.f, self.b):
@@ -176,7 +180,7 @@ def closed_form(name: str, pp_stages: int, costs: Costs) -> ClosedForm:
         raise ValueError(f"pp_stages={pp_stages!r}: must be a positive integer (number of pipeline stages)")
     c = costs
     base = "comm = 0, equal stages"
-    uniform = c.comm == 0 and len(set(c.stage_scale)) <= 1
+    uniform = c.comm == 0 and len(set(c.stage_scale)) <= 1 and len(set(c.rank_scale)) <= 1
     if name == "1f1b":
         return ClosedForm(bubble=(pp_stages - 1) * (c.f + c.b), params=1, activations=pp_stages,
                           devices=pp_stages, assumption=base, holds=uniform)
@@ -348,6 +352,9 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
     if costs.stage_scale and len(costs.stage_scale) != s.num_stages:
         raise ValueError(f"Costs.stage_scale has {len(costs.stage_scale)} entries but {s.name} on {s.pp} ranks has "
                          f"{s.num_stages} stages: give one factor per stage")
+    if costs.rank_scale and len(costs.rank_scale) != s.pp:
+        raise ValueError(f"Costs.rank_scale has {len(costs.rank_scale)} entries but {s.name} runs on {s.pp} ranks: "
+                         f"give one factor per rank")
     ranks = [_Rank() for _ in range(s.pp)]
     sent: dict[tuple[int, int], float] = {}
 
@@ -410,7 +417,8 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
             for how, key in needs:
                 if how == "remote":
                     del st.posted[key]
-            end = start + costs.at(a, lambda chunk: s.stage_of(rank, chunk))
+            end = start + costs.at(a, lambda chunk: s.stage_of(rank, chunk)) * (
+                costs.rank_scale[rank] if costs.rank_scale else 1.0)
             st.t = end
             st.busy += end - start
             st.spans.append(Span(st.pc, a, start, end))

@@ -1,0 +1,522 @@
+"""A full-scale training plan without the hardware: one step of a DeepSeek-V3-shaped model on a
+described cluster, priced and simulated (pure; ``python -m launch.plan`` prints it).
+
+How one step is priced (every assumption also lands in :attr:`Plan.assumptions`):
+
+1. FLOPs per token of every layer from the model dimensions (:class:`ModelSpec`): 2 x each GEMM's
+   weights forward (attention projections incl. MLA's low-rank ones, the gate, shared + top-k routed
+   experts or the dense FFN, the output head, the MTP module), plus causal attention scores
+   ``2 x heads x (qk + v head dims) x (seq + 1) / 2``. Backward = 2 x forward; the weight-gradient
+   part W = the forward GEMM FLOPs (attention scores have no weights).
+2. Seconds = FLOPs / (H800 FP8 dense peak x :data:`topology.kinds.REFERENCE_EFFICIENCY` x the
+   rank's relative speed from the cluster's table). The efficiency has a cited source.
+3. The layers are split over the schedule's stages in contiguous runs (:func:`split_stages`): by
+   FLOPs alone, or *speed-aware*: each stage's FLOPs over the speed of the ranks running it,
+   minimising the slowest stage.
+4. Expert-parallel dispatch/combine per MoE layer from the link model (:mod:`topology.predict`:
+   balanced random routing sampled, two-hop plan, busiest device's bytes / bandwidth + messages x
+   latency, IB and NVLink hops of one exchange pipelined, so the slower sets the time). Forward:
+   dispatch (FP8) + combine (BF16); backward: both as BF16 combine-sized exchanges.
+5. Chunk costs for the schedule simulator: F = F compute + its EP communication, B likewise, W =
+   weight-gradient compute, and an overlapped F&B pair = max(compute of both, communication of
+   both) -- DualPipe hides one microbatch's all-to-all under the other's compute -- but at least
+   max(F, B) (the simulator's rule). One base per stage, scaled by the stage's (F + B) ratio
+   (``Costs.stage_scale``) and the rank's 1 / speed (``Costs.rank_scale``).
+6. Pipeline messages: one microbatch's BF16 activations over the inter-node link.
+7. After the pipeline: ZeRO-1 reduce-scatter (FP32 gradients) and all-gather (BF16 weights) over
+   the data-parallel ranks of each stage, ring cost over the inter-node link, not overlapped.
+8. Memory per device: BF16 weights + FP32 gradients of the stages it holds, FP32 master + two
+   BF16 moments sharded over its data-parallel peers (ZeRO-1), plus the simulator's peak live
+   stage-microbatches times the activations V3 keeps (GEMM inputs in FP8 on FP8 kinds, norms and
+   MLA up-projections recomputed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.schedules import Costs, Schedule, build, simulate
+from topology.cluster import Cluster
+from topology.kinds import KINDS, REFERENCE_EFFICIENCY, REFERENCE_EFFICIENCY_SOURCE
+from topology.layout import Layout
+from topology.placement import rebalance
+from topology.predict import predict_traffic
+
+__all__ = ["ModelSpec", "V3_MODEL", "Item", "model_items", "split_stages", "stage_speeds", "check_mirror_kinds",
+           "EPComm", "ep_comm", "PlanConfig", "Plan", "plan_step"]
+
+_BF16, _FP32 = 2, 4
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ModelSpec:
+    """Model dimensions (defaults: DeepSeek-V3, inference/configs/config_671B.json and the report)."""
+
+    hidden: int = 7168
+    """Model width."""
+    num_layers: int = 61
+    """Transformer blocks."""
+    num_dense_layers: int = 3
+    """Leading blocks with a dense FFN instead of MoE."""
+    dense_hidden: int = 18432
+    """Dense FFN intermediate size."""
+    num_experts: int = 256
+    """Routed experts per MoE layer."""
+    top_k: int = 8
+    """Routed experts per token."""
+    num_shared_experts: int = 1
+    """Shared experts per MoE layer (every token)."""
+    moe_hidden: int = 2048
+    """Expert intermediate size."""
+    num_heads: int = 128
+    """Attention heads."""
+    q_lora_rank: int = 1536
+    """MLA query latent."""
+    kv_lora_rank: int = 512
+    """MLA key/value latent."""
+    qk_nope_dim: int = 128
+    """Per-head query/key dims without rotary."""
+    qk_rope_dim: int = 64
+    """Per-head rotary dims."""
+    v_head_dim: int = 128
+    """Per-head value dims."""
+    vocab: int = 129280
+    """Vocabulary."""
+    num_mtp: int = 1
+    """Multi-token-prediction modules (V3 trains with depth 1; not counted in the 671B)."""
+
+    def attention_params(self) -> int:
+        h, n = self.hidden, self.num_heads
+        qk = self.qk_nope_dim + self.qk_rope_dim
+        return (h * self.q_lora_rank + self.q_lora_rank * n * qk + h * (self.kv_lora_rank + self.qk_rope_dim)
+                + self.kv_lora_rank * n * (self.qk_nope_dim + self.v_head_dim) + n * self.v_head_dim * h)
+
+    def expert_params(self) -> int:
+        return 3 * self.hidden * self.moe_hidden
+
+    def moe_params(self) -> int:
+        """All weights of one MoE FFN (routed + shared experts + gate)."""
+        return (self.num_experts + self.num_shared_experts) * self.expert_params() + self.hidden * self.num_experts
+
+    def total_params(self) -> int:
+        """Main model, without the MTP module (the report's 671B)."""
+        moe_layers = self.num_layers - self.num_dense_layers
+        return (self.num_layers * self.attention_params() + self.num_dense_layers * 3 * self.hidden * self.dense_hidden
+                + moe_layers * self.moe_params() + 2 * self.vocab * self.hidden)
+
+    def active_params(self) -> int:
+        """Weights one token uses, main model (the report's 37B)."""
+        moe_layers = self.num_layers - self.num_dense_layers
+        active_moe = (self.top_k + self.num_shared_experts) * self.expert_params() + self.hidden * self.num_experts
+        return (self.num_layers * self.attention_params() + self.num_dense_layers * 3 * self.hidden * self.dense_hidden
+                + moe_layers * active_moe + 2 * self.vocab * self.hidden)
+
+
+V3_MODEL = ModelSpec()
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One unit the layer split places whole on a stage."""
+
+    name: str
+    gemm_flops: float
+    """Forward GEMM FLOPs per token."""
+    attn_flops: float
+    """Forward attention-score FLOPs per token (no weights)."""
+    moe_layers: int
+    """MoE layers inside (each one dispatch + combine)."""
+    replicated_params: int
+    """Weights every data-parallel rank of the stage holds."""
+    expert_params: int
+    """Routed-expert weights, split over the EP group."""
+    act_values_fp8: int
+    """Activations kept per token that an FP8 rank stores in 1 byte (GEMM inputs it quantises)."""
+    act_values_bf16: int
+    """Activations kept per token in BF16 on every kind."""
+
+    @property
+    def fwd_flops(self) -> float:
+        return self.gemm_flops + self.attn_flops
+
+
+def model_items(m: ModelSpec, seq: int) -> list[Item]:
+    """The model as split units: the transformer blocks, then the MTP module(s), then the output head.
+    The embedding (a lookup, no FLOPs) rides with the first block."""
+    h, n = m.hidden, m.num_heads
+    attn_gemm = 2.0 * m.attention_params()
+    attn_scores = 2.0 * n * (m.qk_nope_dim + m.qk_rope_dim + m.v_head_dim) * (seq + 1) / 2
+    # kept: block input, query and kv latents, attention output (norms and MLA up-projections recomputed)
+    attn_bf16 = h + m.q_lora_rank + m.kv_lora_rank + m.qk_rope_dim + n * m.v_head_dim
+    items = []
+    for i in range(m.num_layers):
+        if i < m.num_dense_layers:
+            ffn_gemm = 2.0 * 3 * h * m.dense_hidden
+            ffn_rep, ffn_exp, moe = 3 * h * m.dense_hidden, 0, 0
+            fp8 = h + 2 * m.dense_hidden + m.dense_hidden  # FFN input, SwiGLU input, down-proj input
+            bf16 = h
+        else:
+            active = m.top_k + m.num_shared_experts
+            ffn_gemm = 2.0 * (active * m.expert_params() + h * m.num_experts)
+            ffn_rep = m.num_shared_experts * m.expert_params() + h * m.num_experts
+            ffn_exp, moe = m.num_experts * m.expert_params(), 1
+            fp8 = active * (h + 2 * m.moe_hidden + m.moe_hidden)
+            bf16 = h
+        items.append(Item(name=f"layer{i}", gemm_flops=attn_gemm + ffn_gemm, attn_flops=attn_scores,
+                          moe_layers=moe, replicated_params=m.attention_params() + ffn_rep + (m.vocab * h if i == 0 else 0),
+                          expert_params=ffn_exp, act_values_fp8=fp8, act_values_bf16=attn_bf16 + bf16))
+    last = items[-1]
+    head_gemm = 2.0 * h * m.vocab
+    for j in range(m.num_mtp):
+        # MTP: projection of [hidden; embedding] (2h -> h), one MoE block, the shared output head
+        items.append(Item(name=f"mtp{j}", gemm_flops=2.0 * 2 * h * h + last.gemm_flops + head_gemm,
+                          attn_flops=last.attn_flops, moe_layers=1, replicated_params=2 * h * h + last.replicated_params,
+                          expert_params=last.expert_params, act_values_fp8=last.act_values_fp8,
+                          act_values_bf16=last.act_values_bf16 + 2 * h + m.vocab))
+    items.append(Item(name="head", gemm_flops=head_gemm, attn_flops=0.0, moe_layers=0, replicated_params=h * m.vocab,
+                      expert_params=0, act_values_fp8=0, act_values_bf16=h + m.vocab))
+    return items
+
+
+def split_stages(costs: list[float], speeds: list[float]) -> list[int]:
+    """Items per stage: contiguous runs of ``costs`` onto ``len(speeds)`` stages (each gets at least
+    one), minimising the largest ``sum(costs of the stage) / speed of the stage`` (exact, by dynamic
+    programming). Equal speeds give the plain FLOPs-balanced split."""
+    n, s = len(costs), len(speeds)
+    if s < 1 or n < s:
+        raise ValueError(f"split: {n} layers (with MTP and head) cannot fill {s} stages with at least one each; "
+                         f"use fewer pipeline stages")
+    if any(v <= 0 for v in speeds):
+        raise ValueError("split: stage speeds must be positive")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = math.inf
+    # best[k][i]: min over splits of the first i items into k stages of the slowest stage time
+    best = [[inf] * (n + 1) for _ in range(s + 1)]
+    cut = [[0] * (n + 1) for _ in range(s + 1)]
+    best[0][0] = 0.0
+    for k in range(1, s + 1):
+        for i in range(k, n - (s - k) + 1):
+            for j in range(k - 1, i):
+                t = max(best[k - 1][j], (prefix[i] - prefix[j]) / speeds[k - 1])
+                if t < best[k][i]:
+                    best[k][i], cut[k][i] = t, j
+    counts, i = [], n
+    for k in range(s, 0, -1):
+        j = cut[k][i]
+        counts.append(i - j)
+        i = j
+    return counts[::-1]
+
+
+def _pp_kinds(layout: Layout) -> list[str]:
+    """Device kind of each pipeline rank; a stage whose ranks mix kinds is an error (its data-parallel
+    ranks step together through expert parallelism, so the slowest would set the pace unseen)."""
+    kinds: list[set[str]] = [set() for _ in range(layout.pp)]
+    for p in layout.places:
+        kinds[p.pp].add(p.kind)
+    out = []
+    for r, ks in enumerate(kinds):
+        if len(ks) != 1:
+            raise ValueError(f"pipeline rank {r} spans device kinds {sorted(ks)}: give every stage's nodes one kind "
+                             f"(order the cluster's nodes so each run of dp = {layout.dp} devices is one kind)")
+        out.append(next(iter(ks)))
+    return out
+
+
+def check_mirror_kinds(schedule_name: str, pp_kinds: list[str]) -> None:
+    """DualPipe: ranks r and pp-1-r hold the same two stages (mirror copies), so they must be of one
+    kind, or one copy of every stage runs slower than the other. Raises ValueError naming the fix."""
+    if schedule_name != "dualpipe":
+        return
+    pp = len(pp_kinds)
+    for r in range(pp // 2):
+        if pp_kinds[r] != pp_kinds[pp - 1 - r]:
+            raise ValueError(
+                f"dualpipe: pipeline ranks {r} ({pp_kinds[r]}) and {pp - 1 - r} ({pp_kinds[pp - 1 - r]}) hold the same "
+                f"two stages and must be of one kind; order the cluster's nodes so that mirror ranks r and pp-1-r "
+                f"match, or use --schedule dualpipev (one copy of each stage)")
+
+
+def stage_speeds(schedule: Schedule, rank_speed: list[float]) -> list[float]:
+    """Speed of each model stage: the slowest rank that runs it (in any direction)."""
+    return [min(rank_speed[schedule.place(d, st)[0]] for d in schedule.directions) for st in range(schedule.num_stages)]
+
+
+@dataclass(frozen=True, slots=True)
+class EPComm:
+    """Expert-parallel communication of one MoE layer and one microbatch, busiest device, seconds."""
+
+    forward: float
+    backward: float
+    mean_nodes_per_token: float
+    inter_bytes_per_device: float
+    """Dispatch bytes the busiest device sends or receives over the inter-node link (scaled)."""
+
+
+def ep_comm(cluster: Cluster, layout: Layout, m: ModelSpec, *, tokens: int, max_nodes: int, sample_tokens: int,
+            seed: int = 0) -> EPComm:
+    """Price one MoE layer's dispatch + combine for EP group 0 (see the module docstring, item 4).
+
+    Routing is sampled for ``sample_tokens`` tokens per device and byte counts scaled to ``tokens``
+    (per-message latencies are not scaled: the busiest device's peer count is the same)."""
+    group = layout.ep_group(0)
+    num_groups = group.num_nodes
+    if m.num_experts % num_groups:
+        raise ValueError(f"ep={layout.ep}: its group spans {num_groups} nodes, which must divide the "
+                         f"{m.num_experts} experts (groups = nodes)")
+    topk_groups = min(max_nodes, num_groups)
+    phy2log, log2phy, logcnt = rebalance(torch.ones(1, m.num_experts), m.num_experts, num_groups, group.num_nodes,
+                                         group.size)
+    pred = predict_traffic(cluster, group, phy2log=phy2log[0], log2phy=log2phy[0], logcnt=logcnt[0],
+                           num_groups=num_groups, topk_groups=topk_groups, top_k=m.top_k,
+                           tokens_per_rank=sample_tokens, hidden=m.hidden, moe_hidden=m.moe_hidden, seed=seed)
+    scale = tokens / sample_tokens
+
+    def seconds(hops) -> float:
+        # the two hops of one exchange are pipelined (forwarded as chunks arrive): the slower sets the time
+        out = 0.0
+        for hop, link in zip(hops, (cluster.inter, cluster.intra)):
+            out = max(out, hop.max_device_bytes * scale / (link.bandwidth_gbs * 1e9)
+                      + hop.max_device_messages * link.latency_us * 1e-6)
+        return out
+
+    dispatch, combine = seconds(pred.dispatch), seconds(pred.combine)
+    return EPComm(forward=dispatch + combine, backward=2 * combine, mean_nodes_per_token=pred.mean_nodes_per_token,
+                  inter_bytes_per_device=pred.dispatch[0].max_device_bytes * scale)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class PlanConfig:
+    """What to plan: parallel layout, schedule, batch and run length."""
+
+    pp: int = 16
+    """Pipeline ranks."""
+    ep: int = 64
+    """Expert-parallel group size (spans ep / devices-per-node nodes)."""
+    schedule: str = "dualpipe"
+    """dualpipe, dualpipev, 1f1b or zb1p."""
+    max_nodes: int = 4
+    """Node-limited routing: nodes a token may reach (>= the EP group's nodes: no limit)."""
+    global_batch: int = 15360
+    """Sequences per optimizer step (V3 report: 15,360 after the batch-size warm-up)."""
+    seq: int = 4096
+    """Tokens per sequence (V3 pre-training: 4K)."""
+    microbatch_seqs: int = 1
+    """Sequences per microbatch per data-parallel rank (V3 does not publish it; 1 = 4,096 tokens)."""
+    split: str = "speed"
+    """Layer split: ``speed`` (weighted by each stage's device speed) or ``flops`` (ignores speed)."""
+    train_tokens: float = 14.8e12
+    """Tokens of the whole pre-training run (V3: 14.8T)."""
+    sample_tokens: int = 512
+    """Routing sample per device for the link model (bytes scaled to the microbatch)."""
+
+    def __post_init__(self) -> None:
+        for name in ("pp", "ep", "max_nodes", "global_batch", "seq", "microbatch_seqs", "sample_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"plan.{name}={v!r}: must be a positive integer")
+        if self.split not in ("speed", "flops"):
+            raise ValueError(f"plan.split={self.split!r}: choose 'speed' or 'flops'")
+        if not self.train_tokens > 0:
+            raise ValueError(f"plan.train_tokens={self.train_tokens!r}: must be positive")
+
+
+@dataclass(kw_only=True, slots=True)
+class Plan:
+    """The priced step and what follows from it (seconds, bytes)."""
+
+    config: PlanConfig
+    num_devices: int
+    dp: int
+    microbatches: int
+    tokens_per_step: int
+    pp_kinds: list[str]
+    stage_layers: list[list[str]]
+    """Item names on each stage."""
+    costs: Costs
+    pipeline_seconds: float
+    """Simulated makespan of the pipeline part of a step."""
+    bubble_seconds: float
+    """Largest per-rank idle time in the pipeline."""
+    bubble_fraction: float
+    """Mean idle time over ranks / makespan."""
+    alt_bubble_fraction: float
+    """The same with the other split (``flops`` if planned ``speed`` and vice versa)."""
+    alt_pipeline_seconds: float
+    dp_sync_seconds: float
+    step_seconds: float
+    comm: EPComm
+    comm_hidden: float
+    """Fraction of EP communication time that runs under an overlapped pair's compute."""
+    model_flops_per_token: float
+    mfu: float
+    """Model FLOPs / (step time x sum of every device's dense peak at its precision)."""
+    device_hours_per_trillion: float
+    memory_gb: dict[str, float]
+    """Per pipeline rank 'r<k> (kind)': peak memory estimate, GB."""
+    memory_parts: dict[str, float] = field(default_factory=dict)
+    """Components of the largest memory estimate, GB."""
+    assumptions: list[str] = field(default_factory=list)
+
+
+def _costs_for(items: list[Item], counts: list[int], stage_speed_of_rank: list[float], schedule: Schedule,
+               comm: EPComm, tokens: int, ref_flops: float, p2p: float) -> tuple[Costs, list[dict]]:
+    """One Costs for the simulator: base = stage mean; stage_scale by (F+B); rank_scale 1/speed."""
+    stages, start = [], 0
+    for c in counts:
+        chunk = items[start:start + c]
+        start += c
+        fc = sum(i.fwd_flops for i in chunk) * tokens / ref_flops
+        wc = sum(i.gemm_flops for i in chunk) * tokens / ref_flops
+        moe = sum(i.moe_layers for i in chunk)
+        stages.append(dict(fc=fc, bc=2 * fc, wc=wc, cf=moe * comm.forward, cb=moe * comm.backward, items=chunk))
+    mean = {k: sum(s[k] for s in stages) / len(stages) for k in ("fc", "bc", "wc", "cf", "cb")}
+    f, b = mean["fc"] + mean["cf"], mean["bc"] + mean["cb"]
+    fb = max(mean["fc"] + mean["bc"], mean["cf"] + mean["cb"], f, b)
+    base = f + b
+    scale = tuple(max((s["fc"] + s["cf"] + s["bc"] + s["cb"]) / base, 1e-9) for s in stages)
+    costs = Costs(f=f, b=b, w=mean["wc"], fb=fb, comm=p2p, stage_scale=scale,
+                  rank_scale=tuple(1.0 / v for v in stage_speed_of_rank))
+    return costs, stages
+
+
+def _simulate(items, counts, rank_speed, schedule, comm, tokens, ref_flops, p2p):
+    costs, stages = _costs_for(items, counts, rank_speed, schedule, comm, tokens, ref_flops, p2p)
+    sim = simulate(schedule, costs)
+    return costs, stages, sim
+
+
+def _hidden_fraction(schedule: Schedule, sim, stages: list[dict], rank_speed: list[float]) -> float:
+    hidden = total = 0.0
+    for r, spans in enumerate(sim.spans):
+        for sp in spans:
+            a = sp.action
+            halves = (a.f, a.b) if hasattr(a, "f") else (a,)
+            comm = compute = 0.0
+            for c in halves:
+                st = stages[schedule.stage_of(r, c.chunk)]
+                if c.op == "F":
+                    comm, compute = comm + st["cf"], compute + st["fc"] / rank_speed[r]
+                elif c.op == "B":
+                    comm += st["cb"]
+                    compute += (st["bc"] - (st["wc"] if c.split else 0.0)) / rank_speed[r]
+            total += comm
+            if len(halves) == 2:
+                hidden += min(comm, compute)
+    return hidden / total if total else 1.0
+
+
+def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL) -> Plan:
+    """Price one optimizer step of ``model`` on ``cluster`` under ``config`` (module docstring)."""
+    c = config
+    layout = Layout(cluster=cluster, pp=c.pp, ep=c.ep)
+    if layout.num_ranks != cluster.num_devices:
+        raise ValueError(f"plan: pp={c.pp} x dp={layout.dp} uses {layout.num_ranks} of {cluster.num_devices} devices")
+    pp_kinds = _pp_kinds(layout)
+    check_mirror_kinds(c.schedule, pp_kinds)
+    dp = layout.dp
+    if c.global_batch % (dp * c.microbatch_seqs):
+        raise ValueError(f"plan.global_batch={c.global_batch}: must be a multiple of dp x microbatch_seqs = "
+                         f"{dp} x {c.microbatch_seqs}; pick a batch in steps of {dp * c.microbatch_seqs}")
+    microbatches = c.global_batch // (dp * c.microbatch_seqs)
+    schedule = build(c.schedule, c.pp, microbatches)
+    tokens = c.microbatch_seqs * c.seq
+    rank_speed = [cluster.device_speed[k] for k in pp_kinds]
+    ref = KINDS["h800"]
+    ref_flops = ref.peak_tflops * 1e12 * REFERENCE_EFFICIENCY
+    items = model_items(model, c.seq)
+    costs_per_item = [i.fwd_flops for i in items]
+    speeds = stage_speeds(schedule, rank_speed)
+    counts_speed = split_stages(costs_per_item, speeds)
+    counts_flops = split_stages(costs_per_item, [1.0] * len(speeds))
+    counts, alt = (counts_speed, counts_flops) if c.split == "speed" else (counts_flops, counts_speed)
+    comm = ep_comm(cluster, layout, model, tokens=tokens, max_nodes=c.max_nodes, sample_tokens=c.sample_tokens)
+    p2p = tokens * model.hidden * _BF16 / (cluster.inter.bandwidth_gbs * 1e9) + cluster.inter.latency_us * 1e-6
+    costs, stages, sim = _simulate(items, counts, rank_speed, schedule, comm, tokens, ref_flops, p2p)
+    _, _, alt_sim = _simulate(items, alt, rank_speed, schedule, comm, tokens, ref_flops, p2p)
+
+    # per pipeline rank: the stages it holds, its parameters and memory
+    num_ep_groups = layout.num_ep_groups
+    memory, parts_of = {}, {}
+    dp_sync = 0.0
+    for r in range(c.pp):
+        held = sorted({schedule.stage_of(r, ch) for ch in schedule.chunks(r)})
+        rep = sum(i.replicated_params for s in held for i in stages[s]["items"])
+        exp = sum(i.expert_params for s in held for i in stages[s]["items"]) / c.ep
+        params = rep + exp
+        spec = KINDS.get(pp_kinds[r])
+        act_byte = 1 if spec is not None and spec.precision == "fp8" else _BF16
+        act_stage = max(sum(i.act_values_fp8 * act_byte + i.act_values_bf16 * _BF16 for i in stages[s]["items"])
+                        for s in held) * tokens
+        parts = {"weights (BF16)": params * _BF16, "gradients (FP32)": params * _FP32,
+                 "optimizer (FP32 master + 2 BF16 moments, ZeRO-1)": rep * 8 / dp + exp * 8 / num_ep_groups,
+                 f"activations ({sim.peak_activations[r]} stage-microbatches live)": act_stage * sim.peak_activations[r]}
+        memory[f"r{r} ({pp_kinds[r]})"] = sum(parts.values()) / 1e9
+        parts_of[r] = {k: v / 1e9 for k, v in parts.items()}
+        # ZeRO-1: reduce-scatter FP32 grads + all-gather BF16 weights, ring over the inter-node link
+        bw = cluster.inter.bandwidth_gbs * 1e9
+        ring = lambda n, nbytes: 0.0 if n < 2 else nbytes * (n - 1) / n / bw
+        dp_sync = max(dp_sync, ring(dp, rep * (_FP32 + _BF16)) + ring(num_ep_groups, exp * (_FP32 + _BF16)))
+    worst = max(range(c.pp), key=lambda r: memory[f"r{r} ({pp_kinds[r]})"])
+
+    step = sim.makespan + dp_sync
+    flops_token = 3 * sum(i.fwd_flops for i in items)
+    tokens_per_step = c.global_batch * c.seq
+    peak = sum(KINDS[p.kind].peak_tflops if p.kind in KINDS else ref.peak_tflops * cluster.device_speed[p.kind]
+               for p in layout.places) * 1e12
+    mfu = flops_token * tokens_per_step / (step * peak)
+    hours = step * cluster.num_devices / 3600 * 1e12 / tokens_per_step
+    mean_idle = sum(sim.idle) / len(sim.idle)
+    alt_idle = sum(alt_sim.idle) / len(alt_sim.idle)
+    m = model
+    assumptions = [
+        f"model: {m.total_params() / 1e9:.1f}B parameters ({m.active_params() / 1e9:.1f}B active per token, embedding "
+        f"and head included), {m.num_layers} layers ({m.num_dense_layers} dense), hidden {m.hidden}, {m.num_experts} "
+        f"routed experts top-{m.top_k} + {m.num_shared_experts} shared, expert hidden {m.moe_hidden}, MLA heads "
+        f"{m.num_heads} q_lora {m.q_lora_rank} kv_lora {m.kv_lora_rank} qk {m.qk_nope_dim}+{m.qk_rope_dim} v "
+        f"{m.v_head_dim}, vocab {m.vocab}, MTP depth {m.num_mtp} (V3 config_671B.json and report)",
+        f"FLOPs: {flops_token / 1e9:.1f} GFLOP per token fwd+bwd (= 3 x forward: GEMMs 2 x weights, causal attention "
+        f"scores at seq {c.seq}); recomputation not counted as model FLOPs",
+        f"efficiency: {REFERENCE_EFFICIENCY:.2%} of FP8 dense peak on every chunk of a speed-1.0 device: "
+        f"{REFERENCE_EFFICIENCY_SOURCE}",
+        f"reference throughput: H800 {ref.peak_tflops:.0f} TFLOPS FP8 x {REFERENCE_EFFICIENCY:.4f} = "
+        f"{ref_flops / 1e12:.0f} TFLOPS per speed unit",
+        "device speeds (relative, at the precision each kind trains in): " + ", ".join(
+            f"{k} {cluster.device_speed[k]:g}" for k in sorted(set(pp_kinds))) + " (sources: topology/cluster.py "
+        "DEVICE_SPEEDS or the cluster file's [device_speed])",
+        f"batch: {c.global_batch} sequences x {c.seq} tokens per step (V3 report, after the batch warm-up); "
+        f"microbatch {c.microbatch_seqs} sequence(s) = {tokens} tokens per device (not published; assumed); "
+        f"dp = {dp} ranks per stage -> {microbatches} microbatches per pipeline",
+        f"EP: group of {c.ep} ranks over {layout.ep_group(0).num_nodes} node(s), balanced random routing "
+        f"(aux-loss-free balancing assumed perfect), routing sampled on {c.sample_tokens} tokens per device and "
+        f"bytes scaled to {tokens}; dispatch FP8, combine BF16; backward = two BF16 combine-sized exchanges; "
+        f"IB and NVLink hops of one exchange pipelined (slower sets the time)",
+        f"links: intra {cluster.intra.name} {cluster.intra.bandwidth_gbs:g} GB/s {cluster.intra.latency_us:g} us, "
+        f"inter {cluster.inter.name} {cluster.inter.bandwidth_gbs:g} GB/s {cluster.inter.latency_us:g} us per device",
+        "overlap: an F&B pair costs max(compute, EP communication) of its two halves (DualPipe's claim), but at "
+        "least max(F, B); a lone F or B exposes its communication; SMs lent to communication (V3: 20 of 132) are "
+        "inside the efficiency figure, not charged again",
+        "simulator: per stage one (F, B, W, F&B) scaled by the stage's (F+B) ratio, per rank by 1 / speed "
+        "(communication scaled with compute on slower ranks: conservative there)",
+        f"pipeline message: {tokens} x {m.hidden} BF16 activations over {cluster.inter.name} = {p2p * 1e3:.2f} ms",
+        f"data parallel: ZeRO-1, after the pipeline, not overlapped: reduce-scatter FP32 gradients + all-gather "
+        f"BF16 weights, ring over {cluster.inter.name}: {dp_sync * 1e3:.0f} ms; optimizer arithmetic not counted",
+        "memory: activations kept per token and layer = block input, MLA latents, attention output (BF16) + every "
+        "active expert's input, SwiGLU input and down-projection input (FP8 on FP8 kinds, else BF16); norms "
+        "and MLA up-projections recomputed (V3 report 3.2.3); no activation offload, no allocator slack",
+        "not modelled: expert-load imbalance, stragglers, failures/restarts, evaluation, checkpointing",
+    ]
+    return Plan(config=c, num_devices=cluster.num_devices, dp=dp, microbatches=microbatches,
+                tokens_per_step=tokens_per_step, pp_kinds=pp_kinds,
+                stage_layers=[[i.name for i in s["items"]] for s in stages], costs=costs,
+                pipeline_seconds=sim.makespan, bubble_seconds=sim.bubble, bubble_fraction=mean_idle / sim.makespan,
+                alt_bubble_fraction=alt_idle / alt_sim.makespan, alt_pipeline_seconds=alt_sim.makespan,
+                dp_sync_seconds=dp_sync, step_seconds=step, comm=comm,
+                comm_hidden=_hidden_fraction(schedule, sim, stages, rank_speed),
+                model_flops_per_token=flops_token, mfu=mfu, device_hours_per_trillion=hours, memory_gb=memory,
+                memory_parts=parts_of[worst], assumptions=assumptions)

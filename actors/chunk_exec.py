@@ -43,6 +43,9 @@ class ChunkExecutor(Protocol):
     def microbatch_losses(self, losses: torch.Tensor) -> torch.Tensor:
         """``[microbatches]`` this rank's losses -> the global microbatches' (first-stage rank 0 only)."""
 
+    def step_stats(self) -> dict:
+        """What the step log adds for this layout (empty: nothing)."""
+
 
 class LocalExecutor:
     """Each chunk's forward and backward as one autograd graph on this rank."""
@@ -70,3 +73,6 @@ class LocalExecutor:
 
     def microbatch_losses(self, losses: torch.Tensor) -> torch.Tensor:
         return losses
+
+    def step_stats(self) -> dict:
+        return {}

@@ -33,15 +33,28 @@ class PipelineConfig:
     microbatches: int = 8
     """Microbatches per optimizer step (dualpipe: even and >= 2*pp; dualpipev: >= 2*pp)."""
     micro_batch: int = 2
-    """Sequences per microbatch."""
+    """Sequences per microbatch (the global one: each of a stage's ep ranks takes micro_batch / ep)."""
+    ep: int = 1
+    """Expert-parallel ranks per pipeline stage (MPI ranks = pp x ep): each routes its own rows and
+    holds 1/ep of every MoE layer's routed experts."""
+    nodes: int = 1
+    """Emulated nodes each stage's EP group spans (ep / nodes ranks per node): dispatch crosses them
+    (launch.local: the job gets pp x nodes nodes of ep / nodes ranks)."""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULE_NAMES:
             raise ValueError(f"pipeline.schedule={self.schedule!r}: choose one of {', '.join(SCHEDULE_NAMES)}")
-        for name in ("pp", "microbatches", "micro_batch"):
+        for name in ("pp", "microbatches", "micro_batch", "ep", "nodes"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"pipeline.{name}={v!r}: must be a positive integer")
+        if self.ep % self.nodes:
+            raise ValueError(f"pipeline.nodes={self.nodes}: must divide ep={self.ep} (every node of an EP group "
+                             f"holds the same number of its ranks); choose nodes among "
+                             f"{[d for d in range(1, self.ep + 1) if self.ep % d == 0]}")
+        if self.micro_batch % self.ep:
+            raise ValueError(f"pipeline.micro_batch={self.micro_batch}: must be divisible by ep={self.ep} (each ep "
+                             f"rank takes micro_batch / ep rows); use a multiple of {self.ep}")
 
     @property
     def num_stages(self) -> int:

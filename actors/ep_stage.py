@@ -17,6 +17,7 @@ float operations of a block are the single-process block's, in the same order.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -147,6 +148,8 @@ class EPExecutor:
         self._aux_grad = torch.tensor(self.loss_scale / microbatches)
         self._sync = {c: EPGradSync(comm, replicated=ch.replicated_parameters(), experts=list(ch.moe.values()))
                       for c, ch in self.chunks.items()}
+        self._loads: dict[int, torch.Tensor] = {}
+        self._reported: Counter[str] = Counter()
 
     def forward(self, chunk: int, key: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.chunks[chunk].forward(key, x)
@@ -162,7 +165,19 @@ class EPExecutor:
         return sum((self._sync[c].grad_sq_sum() for c in chunks), torch.zeros((), dtype=torch.float64))
 
     def expert_loads(self, loads):
-        return {c: self._sync[c].sum_loads(load) for c, load in loads.items()}
+        self._loads = {c: self._sync[c].sum_loads(load) for c, load in loads.items()}
+        return dict(self._loads)
+
+    def step_stats(self) -> dict:
+        """For the step log: this rank's bytes sent per exchange phase and link class since the last
+        call, and each chunk's expert load of the step (summed over the ep group, per MoE layer)."""
+        total: Counter[str] = Counter()
+        for ch in self.chunks.values():
+            for ep in ch.moe.values():
+                total.update(ep.traffic)
+        delta = {k: v - self._reported[k] for k, v in sorted(total.items())}
+        self._reported = total
+        return {"bytes": delta, "expert_load": {str(c): load.tolist() for c, load in self._loads.items()}}
 
     def microbatch_losses(self, losses: torch.Tensor) -> torch.Tensor:
         out = losses.to(torch.float64).contiguous().clone()

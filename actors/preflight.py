@@ -26,10 +26,14 @@ def preflight(cfg: TrainConfig, world_size: int) -> tuple[Schedule, tuple[Path, 
     Returns the schedule and, with ``cfg.resume``, the checkpoint to resume from (folder, manifest).
     Raises ValueError whose message names the field and the fix.
     """
-    pp = cfg.pipeline.pp
-    if world_size != pp:
-        raise ValueError(f"--pp {pp} needs {pp} MPI ranks, the job has {world_size}: run with -n {pp} "
-                         f"(make run RANKS={pp}) or pass --pp {world_size}")
+    pp, ep = cfg.pipeline.pp, cfg.pipeline.ep
+    if world_size != pp * ep:
+        layout = f"--pp {pp}" if ep == 1 else f"--pp {pp} x --ep {ep}"
+        other = f"--pp {world_size}" if ep == 1 else "another --pp / --ep"
+        raise ValueError(f"{layout} needs {pp * ep} MPI ranks, the job has {world_size}: run with -n {pp * ep} "
+                         f"(make run RANKS={pp * ep}) or pass {other}")
+    if ep > 1:
+        _check_expert_parallel(cfg)
     try:
         schedule = build(cfg.pipeline.schedule, pp, cfg.pipeline.microbatches)
     except ValueError as exc:
@@ -37,6 +41,24 @@ def preflight(cfg: TrainConfig, world_size: int) -> tuple[Schedule, tuple[Path, 
     if cfg.data is not None:
         _check_token_file(cfg)
     return schedule, _check_checkpoints(cfg)
+
+
+def _check_expert_parallel(cfg: TrainConfig) -> None:
+    m, ep, nodes = cfg.model, cfg.pipeline.ep, cfg.pipeline.nodes
+    if m.num_routed_experts % ep:
+        raise ValueError(f"--ep {ep}: must divide model.num_routed_experts={m.num_routed_experts} (each ep rank "
+                         f"holds experts / ep slots); choose ep among "
+                         f"{[d for d in range(1, m.num_routed_experts + 1) if m.num_routed_experts % d == 0]}")
+    if m.num_groups % nodes:
+        raise ValueError(f"--nodes {nodes}: must divide model.num_groups={m.num_groups} (node-limited routing "
+                         f"homes whole expert groups on the EP group's nodes); choose nodes dividing {m.num_groups}")
+    precisions = set(cfg.rank_precision or [m.precision])
+    if precisions != {"fp32"}:
+        raise ValueError(f"--ep {ep}: expert parallelism sends float32 rows only (FP8/BF16 wire not built yet); "
+                         f"run with --precision fp32 and no --rank-precision")
+    if cfg.checkpoint_every or cfg.resume:
+        raise ValueError(f"--ep {ep}: checkpoints are written per pipeline rank and do not hold expert slots yet; "
+                         f"drop --checkpoint-every / --resume")
 
 
 def _check_token_file(cfg: TrainConfig) -> None:

@@ -19,7 +19,8 @@ from mpi4py import MPI
 
 from actors import checkpoint
 from actors.config import TrainConfig, from_dict, load_toml, resolve_precision
-from actors.data import SyntheticTokens, TokenFile
+from actors.data import RowShard, SyntheticTokens, TokenFile
+from actors.ep_layout import expert_parallel_job
 from actors.pipeline import StageActor
 from actors.preflight import preflight
 from launch.supervisor import ENV_ADDRESS, ENV_HEARTBEAT
@@ -50,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--config", help="TOML file with [model], [optim], [pipeline] sections and top-level run keys")
     a("--schedule", choices=SCHEDULE_NAMES, help="pipeline schedule (default dualpipe)")
-    a("--pp", type=int, help="pipeline ranks = MPI ranks (default 4); dualpipev puts 2*pp stages on them")
+    a("--pp", type=int, help="pipeline ranks (default 4; MPI ranks = pp x ep); dualpipev puts 2*pp stages on them")
+    a("--ep", type=int, help="expert-parallel ranks per stage (default 1): each routes its own micro-batch / ep rows "
+                             "and holds 1/ep of every MoE layer's experts; fp32 only")
+    a("--nodes", type=int, help="emulated nodes each stage's EP group spans (default 1; must divide ep): dispatch "
+                                "and combine cross them by two hops (rail peer, then inside the node)")
     a("--microbatches", type=int, help="microbatches per step (dualpipe: even, >= 2*pp; dualpipev: >= 2*pp)")
     a("--micro-batch", type=int, help="sequences per microbatch (default 2)")
     a("--seq-len", type=int, help="tokens per sequence")
@@ -90,6 +95,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     ns = _parser().parse_args(argv)
     over: dict = {"model": {}, "optim": {}, "pipeline": {}}
     for flag, (section, key) in {"schedule": ("pipeline", "schedule"), "pp": ("pipeline", "pp"),
+                                 "ep": ("pipeline", "ep"), "nodes": ("pipeline", "nodes"),
                                  "microbatches": ("pipeline", "microbatches"),
                                  "micro_batch": ("pipeline", "micro_batch"), "seq_len": ("model", "seq_len"),
                                  "model": ("model", "preset"), "hidden": ("model", "hidden"),
@@ -152,7 +158,8 @@ def _shared_run_dir(comm: MPI.Comm, log_dir: str, given: str | None) -> tuple[st
     return msg["run_id"], msg["log_dir"]
 
 
-def _program(cfg: TrainConfig, tokens_per_step: int, resume_from: tuple | None, telemetry: Telemetry | None):
+def _program(cfg: TrainConfig, tokens_per_step: int, resume_from: tuple | None, telemetry: Telemetry | None,
+             world: MPI.Comm):
     def run(actor: StageActor) -> list:
         results = []
         first = 0
@@ -164,7 +171,10 @@ def _program(cfg: TrainConfig, tokens_per_step: int, resume_from: tuple | None, 
         for step in range(first, cfg.steps):
             r = actor.train_step(step)
             results.append(r)
-            if actor.rank == 0:
+            stats = actor.exec.step_stats()
+            if stats:  # expert parallelism: bytes per exchange phase and link, expert loads
+                actor.log.info("ep_step", step=step, **stats)
+            if world.rank == 0:
                 mean = sum(r.losses) / len(r.losses)
                 actor.log.info("step", step=step, loss=mean, grad_norm=r.grad_norm, seconds=r.seconds,
                                tokens_per_s=tokens_per_step / r.seconds)
@@ -172,8 +182,8 @@ def _program(cfg: TrainConfig, tokens_per_step: int, resume_from: tuple | None, 
                     print(f"step {step + 1:>4}/{cfg.steps}  loss {mean:8.4f}  grad-norm {r.grad_norm:7.3f}  "
                           f"{tokens_per_step / r.seconds:9.0f} tokens/s  ({r.seconds:.2f} s)", flush=True)
             if telemetry is not None:  # every rank: the launcher's progress line (dropped if nobody listens)
-                extra = {"loss": mean, "grad_norm": r.grad_norm, "tokens": tokens_per_step} if actor.rank == 0 else {}
-                telemetry.send(rank=actor.rank, size=actor.size, step=step, steps=cfg.steps, seconds=r.seconds,
+                extra = {"loss": mean, "grad_norm": r.grad_norm, "tokens": tokens_per_step} if world.rank == 0 else {}
+                telemetry.send(rank=world.rank, size=world.size, step=step, steps=cfg.steps, seconds=r.seconds,
                                compute_s=r.compute_seconds, **extra)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 where = checkpoint.save(cfg.checkpoint_dir, actor, cfg, step + 1, actor.comm)
@@ -204,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(spans.CLOCK, offset_ns=off.offset_ns, rtt_ns=off.rtt_ns, rounds=off.rounds)
     tokens_per_step = cfg.pipeline.microbatches * cfg.pipeline.micro_batch * cfg.model.seq_len
     logger.info(spans.CONFIG, schedule=schedule.name, pp=schedule.pp, microbatches=schedule.microbatches,
-                stages=schedule.num_stages, stage_of_chunks=[schedule.stage_of(comm.rank, c) for c in schedule.chunks(comm.rank)],
+                stages=schedule.num_stages, stage_of_chunks=[schedule.stage_of(comm.rank // cfg.pipeline.ep, c)
+                                 for c in schedule.chunks(comm.rank // cfg.pipeline.ep)], ep=cfg.pipeline.ep,
                 model=str(cfg.model), optim=str(cfg.optim), steps=cfg.steps, seed=cfg.seed,
                 precision=cfg.model.precision, micro_batch=cfg.pipeline.micro_batch, seq_len=cfg.model.seq_len,
                 tokens_per_step=tokens_per_step)
@@ -225,14 +236,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthetic Markov language (seed {cfg.seed}): a uniform guess scores {data.uniform_loss:.2f}, "
               f"the true chain {data.entropy_rate():.2f} (lowest possible loss)", flush=True)
     if comm.rank == 0:
-        print(f"training {cfg.steps} steps: {schedule.name} on {schedule.pp} ranks ({schedule.num_stages} stages), "
+        print(f"training {cfg.steps} steps: {schedule.name} on {schedule.pp} ranks ({schedule.num_stages} stages)"
+              f"{f' x ep {cfg.pipeline.ep}' if cfg.pipeline.ep > 1 else ''}, "
               f"{schedule.microbatches} microbatches x {cfg.pipeline.micro_batch} x {m.seq_len} tokens, "
               f"precision {'/'.join(precisions) if len(set(precisions)) > 1 else precision}; logs in {log.log_path(log_dir, run_id, 0).parent}", flush=True)
     telemetry_at = os.environ.get(collector.ENV)
     telemetry = Telemetry(telemetry_at) if telemetry_at else None
-    actor = StageActor(schedule=schedule, model=m, optim=cfg.optim, data=data, micro_batch=cfg.pipeline.micro_batch,
-                       seed=cfg.seed, program=_program(cfg, tokens_per_step, resume_from, telemetry), trace=cfg.trace,
-                       nonfinite=cfg.nonfinite, device=device)
+    pipe, micro_batch, extra = comm, cfg.pipeline.micro_batch, {}
+    if cfg.pipeline.ep > 1:  # pp x ep: each rank its own rows of every microbatch, experts spread over the stage
+        job = expert_parallel_job(comm, pp=cfg.pipeline.pp, ep=cfg.pipeline.ep, nodes=cfg.pipeline.nodes, model=m,
+                                  microbatches=cfg.pipeline.microbatches)
+        if comm.rank == 0:
+            print("\n".join(job.describe()), flush=True)
+        pipe, micro_batch, extra = job.comms.pp, micro_batch // cfg.pipeline.ep, {"executor": job.executor}
+        data = RowShard(data, part=job.comms.place.ep, parts=cfg.pipeline.ep)
+    actor = StageActor(schedule=schedule, model=m, optim=cfg.optim, data=data, micro_batch=micro_batch,
+                       seed=cfg.seed, program=_program(cfg, tokens_per_step, resume_from, telemetry, comm),
+                       trace=cfg.trace, nonfinite=cfg.nonfinite, device=device, comm=pipe, **extra)
     address = os.environ.get(ENV_ADDRESS)
     if address:  # started under launch.local's supervisor
         actor.supervise(address, interval_s=float(os.environ.get(ENV_HEARTBEAT, "1")),

@@ -3,8 +3,8 @@
 Run: python -m launch.local -n 4 tests.mpi.ep_pipeline_checks LOG_DIR CASE [CASE ...]
 with CASE = ``schedule:microbatches:steps``.
 
-Layout: 4 emulated nodes of 1 device, pp 2 x ep 2 (``topology.Layout``): each stage's EP group
-spans 2 nodes, so every dispatch crosses "nodes". Every rank runs a
+Layout (:func:`actors.ep_layout.expert_parallel_job`): 4 emulated nodes of 1 device, pp 2 x ep 2:
+each stage's EP group spans 2 nodes, so every dispatch crosses "nodes". Every rank runs a
 :class:`actors.pipeline.StageActor` over its pipeline communicator with an
 :class:`actors.ep_stage.EPExecutor` over its EP group (12 expert slots for 8 experts: replicas),
 and trains on its own half of each global microbatch (:class:`actors.data.RowShard`). Every rank
@@ -29,16 +29,14 @@ import torch
 from mpi4py import MPI
 
 from actors.data import RowShard, SyntheticTokens
-from actors.ep_stage import EPExecutor
+from actors.ep_layout import expert_parallel_job
 from actors.model import ModelConfig
 from actors.optim import OptimConfig
 from actors.pipeline import StageActor
 from actors.reference import Reference
 from kernels.testing import calc_diff
 from runtime import log
-from runtime.grid import build_communicators
 from runtime.schedules import build
-from topology import Layout, emulated_cluster, rebalance
 
 world = MPI.COMM_WORLD
 SEED, MICRO_BATCH, PP, EP, NUM_REPLICAS = 3, 4, 2, 2, 12
@@ -48,23 +46,14 @@ GRAD_TOL, REL_TOL = 1e-12, 1e-6
 def run_case(spec: str) -> dict:
     name, m, s = spec.split(":")
     microbatches, steps = int(m), int(s)
-    layout = Layout(cluster=emulated_cluster(PP * EP, 1), pp=PP, ep=EP)
-    comms = build_communicators(world, layout)
     schedule = build(name, PP, microbatches)
     model = ModelConfig.tiny(num_layers=4, num_routed_experts=8, num_groups=2, topk_groups=2, top_k=2)
     optim = OptimConfig(lr=1e-2, warmup_steps=2)
     data = SyntheticTokens(model.vocab_size, model.seq_len, SEED)
     ref = Reference(model=model, optim=optim, data=data, microbatches=microbatches, micro_batch=MICRO_BATCH,
                     seed=SEED)
-    moe_layers = list(range(model.num_dense_layers, model.num_layers))
-    phy2log, log2phy, logcnt = rebalance(torch.ones(len(moe_layers), model.num_routed_experts), NUM_REPLICAS,
-                                         model.num_groups, 2, EP)
-    placement = {layer: (phy2log[i], log2phy[i], logcnt[i]) for i, layer in enumerate(moe_layers)}
-    group = layout.ep_group(world.Get_rank())
-
-    def executor(chunks, engine):
-        return EPExecutor(chunks, comm=comms.ep, group=group, placement=placement, engine=engine,
-                          microbatches=microbatches)
+    job = expert_parallel_job(world, pp=PP, ep=EP, nodes=2, model=model, microbatches=microbatches,
+                              num_replicas=NUM_REPLICAS)
 
     out: dict = {"case": spec, "pp": PP, "ep": EP}
 
@@ -115,8 +104,8 @@ def run_case(spec: str) -> dict:
         out["bias_values"] = int(biases.numel())
 
     StageActor(schedule=schedule, model=model, optim=optim,
-               data=RowShard(data, part=comms.place.ep, parts=EP), micro_batch=MICRO_BATCH // EP, seed=SEED,
-               program=program, comm=comms.pp, trace=False, executor=executor).run()
+               data=RowShard(data, part=job.comms.place.ep, parts=EP), micro_batch=MICRO_BATCH // EP, seed=SEED,
+               program=program, comm=job.comms.pp, trace=False, executor=job.executor).run()
     return out
 
 

@@ -145,7 +145,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     log_dir = argv[0]
     log.configure(run_id="ep-train-checks", rank=world.Get_rank(), role="ep", log_dir=log_dir)
-    results = [run_case(world, "ep4", nodes=2, per_node=2, num_replicas=12, steps=20)]
+    results = [run_case(world, "ep4", nodes=2, per_node=2, num_replicas=12, steps=5)]
     pair = world.Split(world.Get_rank() // 2, world.Get_rank())
     ep2 = world.gather(run_case(pair, "ep2", nodes=2, per_node=1, num_replicas=10, steps=5))
     pair.Free()

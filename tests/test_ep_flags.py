@@ -1,0 +1,37 @@
+"""launch.train's expert-parallel flags: bad combinations are refused before any work, with the
+field and the fix in the message (parse_config + preflight, as every rank runs them)."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.preflight import preflight
+from launch.train import parse_config
+
+BASE = ["--schedule", "dualpipe", "--pp", "2", "--microbatches", "4", "--model", "tiny"]
+
+BAD = [  # (flags, MPI ranks, phrases the message must hold)
+    (["--ep", "2"], 2, ["--pp 2 x --ep 2 needs 4 MPI ranks", "the job has 2", "-n 4"]),
+    (["--ep", "3", "--micro-batch", "3"], 6, ["--ep 3", "num_routed_experts=4", "choose ep among [1, 2, 4]"]),
+    (["--ep", "2", "--nodes", "4"], 4, ["pipeline.nodes=4", "must divide ep=2"]),
+    (["--ep", "4", "--nodes", "4", "--micro-batch", "4"], 8, ["--nodes 4", "model.num_groups=2"]),
+    (["--ep", "2", "--micro-batch", "3"], 4, ["pipeline.micro_batch=3", "divisible by ep=2"]),
+    (["--ep", "2", "--precision", "bf16"], 4, ["float32 rows only", "--precision fp32"]),
+    (["--ep", "2", "--checkpoint-every", "2"], 4, ["checkpoints", "drop --checkpoint-every"]),
+    (["--ep", "0"], 0, ["pipeline.ep=0", "positive integer"]),
+]
+
+
+@pytest.mark.parametrize("flags,ranks,phrases", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_expert_parallel_flags_are_refused_naming_the_fix(flags, ranks, phrases, tmp_path):
+    with pytest.raises(ValueError) as err:
+        cfg = parse_config([*BASE, "--checkpoint-dir", str(tmp_path / "ck"), *flags])
+        preflight(cfg, ranks)
+    for phrase in phrases:
+        assert phrase in str(err.value), (phrase, str(err.value))
+
+
+def test_a_good_expert_parallel_layout_passes(tmp_path):
+    cfg = parse_config([*BASE, "--ep", "2", "--nodes", "2", "--checkpoint-dir", str(tmp_path / "ck")])
+    schedule, resume = preflight(cfg, 4)
+    assert schedule.pp == 2 and resume is None and cfg.pipeline.ep == 2 and cfg.pipeline.nodes == 2

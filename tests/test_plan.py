@@ -1,0 +1,137 @@
+"""The full-scale plan (topology/plan.py, launch.plan): the V3 setup against the report's GPU-hours,
+what-if directions, the speed-aware split, mirror-kind rule, and the simulator's per-rank factors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from runtime.schedules import Costs, build, simulate
+from topology.cluster import Cluster, Node, emulated_cluster
+from topology.plan import V3_MODEL, PlanConfig, check_mirror_kinds, model_items, plan_step, split_stages
+
+V3_CLUSTER = emulated_cluster(256, 8)
+FAST = dict(sample_tokens=128)
+
+
+def _mixed(pp: int, kinds_of_rank: list[str], nodes_per_rank: int = 16) -> Cluster:
+    return Cluster(nodes=tuple(Node(name=f"n{r}-{i}", num_devices=8, kind=kinds_of_rank[r])
+                               for r in range(pp) for i in range(nodes_per_rank)))
+
+
+@pytest.fixture(scope="module")
+def v3_plan():
+    return plan_step(V3_CLUSTER, PlanConfig(**FAST))
+
+
+def test_model_counts_match_the_report():
+    # the report's 671B total / 37B active (embedding and head included)
+    assert abs(V3_MODEL.total_params() / 1e9 - 671) < 1
+    assert abs(V3_MODEL.active_params() / 1e9 - 37) < 1
+    # forward FLOPs of the main model ~ 2 x active + attention scores (published 6N rule, checked by formula)
+    items = model_items(V3_MODEL, 4096)
+    gemm = sum(i.gemm_flops for i in items if i.name.startswith("layer") or i.name == "head")
+    assert gemm == pytest.approx(2 * (V3_MODEL.active_params() - V3_MODEL.vocab * V3_MODEL.hidden), rel=1e-9)
+
+
+def test_v3_within_1_5x_of_the_published_gpu_hours(v3_plan):
+    ratio = v3_plan.device_hours_per_trillion / 180e3
+    assert 1 / 1.5 <= ratio <= 1.5, ratio
+    assert 0 < v3_plan.bubble_fraction < 0.2 and 0.5 < v3_plan.comm_hidden <= 1.0
+    assert len(v3_plan.stage_layers) == 16 and sum(map(len, v3_plan.stage_layers)) == 61 + 1 + 1
+
+
+def test_split_is_optimal_against_brute_force():
+    rng = random.Random(3)
+    for _ in range(30):
+        n, s = rng.randint(3, 8), rng.randint(1, 3)
+        if n < s:
+            continue
+        costs = [rng.uniform(0.5, 3) for _ in range(n)]
+        speeds = [rng.choice([1.0, 0.3, 0.6]) for _ in range(s)]
+        best = min(max(sum(costs[a:b]) / v for (a, b), v in zip(zip((0, *cuts), (*cuts, n)), speeds))
+                   for cuts in itertools.combinations(range(1, n), s - 1))
+        counts = split_stages(costs, speeds)
+        assert sum(counts) == n and min(counts) >= 1
+        bounds = list(itertools.accumulate(counts, initial=0))
+        got = max(sum(costs[a:b]) / v for a, b, v in zip(bounds, bounds[1:], speeds))
+        assert got == pytest.approx(best)
+
+
+def test_rank_scale_equals_stage_scale_where_they_coincide():
+    # 1F1B: rank r runs stage r; DualPipe: stage s runs on ranks s and pp-1-s, so mirror-symmetric
+    # rank factors equal the same per-stage factors. A rank_scale applied to the wrong rank fails.
+    base = dict(f=1.0, b=2.0, w=0.7, fb=2.6, comm=0.1)
+    for name, factors in (("1f1b", (1.0, 3.3, 1.0, 2.0)), ("dualpipe", (1.0, 3.3, 3.3, 1.0))):
+        s = build(name, 4, 8)
+        by_rank = simulate(s, Costs(**base, rank_scale=factors))
+        by_stage = simulate(s, Costs(**base, stage_scale=factors))
+        assert by_rank.makespan == pytest.approx(by_stage.makespan)
+        assert by_rank.busy == pytest.approx(by_stage.busy)
+    slow_last = simulate(build("1f1b", 4, 8), Costs(**base, rank_scale=(1, 1, 1, 2)))
+    assert slow_last.busy[3] == pytest.approx(2 * slow_last.busy[0])
+    with pytest.raises(ValueError, match="rank_scale has 3 entries"):
+        simulate(build("1f1b", 4, 8), Costs(**base, rank_scale=(1, 1, 1)))
+
+
+def test_mirror_ranks_must_be_one_kind():
+    check_mirror_kinds("dualpipe", ["h800", "ascend910c", "ascend910c", "h800"])
+    check_mirror_kinds("dualpipev", ["h800", "ascend910c", "h800", "h800"])
+    with pytest.raises(ValueError, match=r"ranks 1 \(ascend910c\) and 2 \(h800\).*dualpipev"):
+        check_mirror_kinds("dualpipe", ["h800", "ascend910c", "h800", "h800"])
+    # the plan refuses a 50/50 cluster in plain node order (ranks 0-7 h800, 8-15 910C)
+    halves = _mixed(16, ["h800"] * 8 + ["ascend910c"] * 8)
+    with pytest.raises(ValueError, match="mirror ranks"):
+        plan_step(halves, PlanConfig(**FAST))
+
+
+def test_speed_aware_split_lowers_the_bubble_of_a_mixed_cluster():
+    kinds = ["h800" if min(r, 15 - r) % 2 == 0 else "ascend910c" for r in range(16)]
+    mixed = _mixed(16, kinds)
+    speed = plan_step(mixed, PlanConfig(split="speed", **FAST))
+    flops = plan_step(mixed, PlanConfig(split="flops", **FAST))
+    assert speed.bubble_fraction < flops.bubble_fraction
+    assert speed.step_seconds < flops.step_seconds
+    assert speed.alt_bubble_fraction == pytest.approx(flops.bubble_fraction)
+    # fast (h800) stages get more layers than slow ones
+    per_rank = [len(s) for s in speed.stage_layers]
+    assert min(per_rank[r] for r in range(1, 15) if kinds[r] == "h800") > max(
+        per_rank[r] for r in range(1, 15) if kinds[r] != "h800")
+
+
+def test_what_if_directions(v3_plan):
+    # a slower device mix: more device-hours and a longer step
+    kinds = ["h800" if min(r, 15 - r) % 2 == 0 else "ascend910c" for r in range(16)]
+    mixed = plan_step(_mixed(16, kinds), PlanConfig(**FAST))
+    assert mixed.step_seconds > v3_plan.step_seconds
+    assert mixed.device_hours_per_trillion > v3_plan.device_hours_per_trillion
+    # node limiting off: tokens reach more nodes, more inter-node bytes, longer exchanges
+    free = plan_step(V3_CLUSTER, PlanConfig(max_nodes=8, **FAST))
+    assert free.comm.mean_nodes_per_token > v3_plan.comm.mean_nodes_per_token
+    assert free.comm.inter_bytes_per_device > v3_plan.comm.inter_bytes_per_device
+    assert free.comm.forward > v3_plan.comm.forward and free.step_seconds >= v3_plan.step_seconds
+    # smaller EP: each device holds more experts (memory up)
+    ep32 = plan_step(V3_CLUSTER, PlanConfig(ep=32, **FAST))
+    assert max(ep32.memory_gb.values()) > max(v3_plan.memory_gb.values())
+    # more microbatches (a bigger batch): a smaller bubble share
+    big = plan_step(V3_CLUSTER, PlanConfig(global_batch=2 * 15360, **FAST))
+    assert big.bubble_fraction < v3_plan.bubble_fraction
+    # deeper pipeline at the same microbatches per pipeline: a larger bubble share
+    pp8 = plan_step(V3_CLUSTER, PlanConfig(pp=8, global_batch=120 * 256, **FAST))
+    assert pp8.microbatches == v3_plan.microbatches and pp8.bubble_fraction < v3_plan.bubble_fraction
+
+
+def test_cli_prints_assumptions_and_rejects_bad_input():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "launch.plan", *a], capture_output=True, text=True,
+                                    timeout=300)
+    ok = run("--cluster", "v3-2048.toml", "--sample-tokens", "128", "--json")
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)
+    assert out["published_hours_per_trillion"] == 180e3 and any("Megatron-Core" in a for a in out["assumptions"])
+    bad = run("--nodes", "256", "--devices-per-node", "8", "--global-batch", "1000")
+    assert bad.returncode == 2 and "global_batch=1000" in bad.stderr and "Traceback" not in bad.stderr

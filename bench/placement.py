@@ -156,12 +156,16 @@ def sampled_routing(sigma: float, seed: int, num_tokens: int, top_k: int, topk_g
     _, idx = select_experts(scores, None, num_groups=s["num_groups"], topk_groups=topk_groups, top_k=top_k,
                             route_scale=1.0)
     counts = torch.bincount(idx.view(-1), minlength=s["num_experts"]).double()[None]
+    # co-selection as a runtime would count it: of the tokens routed to group g, the share also routed to g'
+    groups = torch.zeros(num_tokens, s["num_groups"], dtype=torch.float64).scatter_(1, idx // (s["num_experts"] // s["num_groups"]), 1.0)
+    coselect = (groups.T @ groups) / groups.sum(0).clamp(min=1)[:, None]
     args = (s["num_replicas"], s["num_groups"], s["num_nodes"], s["num_devices"])
     row = {"sigma": sigma, "seed": seed, "tokens": num_tokens, "top_k": top_k, "topk_groups": topk_groups,
            "group_bound": node_bound(counts, s["num_groups"]).item()}
     per_device = s["num_replicas"] // s["num_devices"]
     per_node = s["num_replicas"] // s["num_nodes"]
-    for name, plan in (("eplb", eplb_rebalance(counts, *args)), ("ours", rebalance(counts, *args))):
+    for name, plan in (("eplb", eplb_rebalance(counts, *args)), ("ours", rebalance(counts, *args)),
+                       ("ours_co", rebalance(counts, *args, coselect=coselect[None]))):
         p2l, l2p, cnt = (t[0] for t in plan)
         phys = choose_replicas(idx, p2l, l2p, cnt, num_groups=s["num_groups"], num_nodes=s["num_nodes"],
                                num_devices=s["num_devices"])
@@ -254,17 +258,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{'ok: no layer below its bound' if ok else 'EPLB BELOW BOUND: re-implementation wrong'}")
 
     print(f"\nsampled routing, V3 shape, {a.tokens} tokens, top-8 of M=4 groups (groups = nodes); placements "
-          "planned on the routed counts; real = per-device tokens max/mean after choose_replicas")
+          "planned on the routed counts (+co: and on the groups' co-selection, rebalance(coselect=...)); "
+          "real = per-device tokens max/mean after choose_replicas")
     print(f"{'sigma':>5s} {'seed':>4s} {'grp bound':>9s} {'EPLB plan':>9s} {'EPLB real':>9s} {'ours plan':>9s} "
-          f"{'ours real':>9s} {'max nodes E/o':>13s}")
+          f"{'ours real':>9s} {'+co plan':>9s} {'+co real':>9s} {'max nodes E/o/co':>16s}")
     routing = []
     for sigma in (0.5, 1.0, 1.5):
         for sd in seeds[:2]:
             r = sampled_routing(sigma, sd, a.tokens, top_k=8, topk_groups=4)
             routing.append(r)
             print(f"{sigma:5.1f} {sd:4d} {r['group_bound']:9.3f} {r['eplb_planned']:9.3f} {r['eplb_real']:9.3f} "
-                  f"{r['ours_planned']:9.3f} {r['ours_real']:9.3f} "
-                  f"{r['eplb_max_nodes_per_token']:6d}/{r['ours_max_nodes_per_token']:<6d}")
+                  f"{r['ours_planned']:9.3f} {r['ours_real']:9.3f} {r['ours_co_planned']:9.3f} {r['ours_co_real']:9.3f} "
+                  f"{r['eplb_max_nodes_per_token']:6d}/{r['ours_max_nodes_per_token']}/{r['ours_co_max_nodes_per_token']}")
 
     drift, mig_layers = 0.3, min(a.layers, 4)
     print(f"\nre-plan after drift (V3 shape, sigma 1.0 seed 0, {mig_layers} layers, load x exp({drift} N(0,1))); "

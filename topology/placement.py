@@ -19,19 +19,30 @@ num_devices)`` (devices node-major: device ``d`` is on node ``d // (num_devices 
 Quality is EPLB's measure (``imbalance``): a replica carries its expert's load / replica count, a
 device the sum over its replicas divided by its relative speed, and a layer scores max / mean.
 
-Algorithm, per layer (float64 numpy; 61 layers x 256 experts take about a second):
+EPLB's measure assumes every replica gets its share; under node-limited routing a replica off its
+home node only gets the tokens that reach its node anyway. Given the groups' co-selection
+(``coselect``, counted by the runtime like the loads), an expert's off-home replicas go only where
+they can get their share (``_Fits``); the bench reports both the planned and the sampled balance.
+
+Algorithm, per layer (float64 numpy; 61 layers x 256 experts take a few seconds of CPU):
 
 1. Homes: groups packed onto nodes, ``num_groups // num_nodes`` each, heaviest first onto the node
    with the least load per unit of speed (LPT with a cardinality limit, as EPLB packs).
-2. Counts: each extra replica goes to the expert whose replicas carry the most (load / count; ties:
-   fewer replicas, then lower id), at most ``num_devices`` replicas per expert.
-3. Packing: replicas in descending load order (LPT), each onto the device whose load per speed
-   stays lowest among those with a free slot, not yet holding the expert, and -- for an expert's
-   first replica -- on its home node; a node keeps free slots for the home replicas still to come.
-4. Local search on the most loaded device: the best swap of one of its replicas with any other
-   replica, or the best re-pointing of one of its slots to another expert (one replica fewer for
-   the old, one more for the new), taken only if every device it changes ends below the old
-   maximum (so the sorted load vector falls and the search terminates); it stops when nothing helps.
+2. Counts: each extra replica goes to the expert whose replicas carry the most (load / count; ties
+   round-robin over groups), at most ``num_devices`` per expert; if that plan ends more than 1%
+   above the mean, a second candidate ("filler": just enough replicas that none exceeds a device's
+   share, spare slots to the lightest experts) is planned too and the better plan kept.
+3. Node level (with homes): every expert's first replica on its home node, the other replicas
+   packed LPT-style onto nodes (an expert's off-home replicas on distinct nodes), then the local
+   search of step 5 on nodes. Then each node's replicas are packed LPT-style onto its devices.
+   Without homes: all replicas LPT-packed onto the devices directly.
+4. LPT: replicas in descending load order, each onto the container whose load per speed stays
+   lowest among those with room and not yet holding that expert.
+5. Local search on the most loaded container: the best of (swap one of its replicas with any
+   other), (re-point one of its slots to another expert: one replica fewer for the old, one more
+   for the new) and (grow: one of its experts takes over a slot elsewhere from an expert with
+   spare replicas), taken only if every container it changes ends below the old maximum (so the
+   sorted load vector falls and the search terminates); it stops when nothing helps.
 
 With a ``Migration`` the search also starts from the previous placement and charges every replica
 that lands on a device which did not hold that expert before; the cheaper plan (max/mean plus the
@@ -123,8 +134,8 @@ def group_home_nodes(phy2log: torch.Tensor, num_groups: int, num_nodes: int, num
 
 
 def rebalance(load: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_devices: int, *,
-              device_speed: torch.Tensor | None = None,
-              migration: Migration | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              device_speed: torch.Tensor | None = None, migration: Migration | None = None,
+              coselect: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Place ``num_replicas`` replicas of the experts on ``num_devices`` devices (module docstring).
 
     load: [layers, experts] non-negative load per expert (e.g. tokens routed to it).
@@ -132,6 +143,10 @@ def rebalance(load: torch.Tensor, num_replicas: int, num_groups: int, num_nodes:
         when ``num_nodes`` divides it (otherwise, like EPLB's global policy, groups have none).
     device_speed: [num_devices] relative speeds (> 0); a device gets load in proportion.
     migration: previous placement and the price of moving expert state (``Migration``).
+    coselect: [layers, num_groups, num_groups] fraction of the tokens routed to group g that are
+        also routed to group g' (diagonal 1), as a runtime counts it. With it, a replica goes off
+        its home node only where enough of its expert's tokens reach that node for its share
+        (module docstring); without it the plan balances EPLB's measure alone.
     Returns phy2log [layers, num_replicas], log2phy [layers, experts, max replicas] (-1 padded),
     logcnt [layers, experts], all int64.
     """
@@ -165,14 +180,20 @@ def rebalance(load: torch.Tensor, num_replicas: int, num_groups: int, num_nodes:
             raise ValueError(f"Migration.previous: shape {prev.shape} with ids in 0..{num_experts - 1} "
                              f"expected [{layers}, {num_replicas}]")
 
+    co = None
+    if coselect is not None:
+        co = coselect.detach().double().cpu().numpy()
+        if co.shape != (layers, num_groups, num_groups) or not ((co >= 0) & (co <= 1)).all():
+            raise ValueError(f"coselect: expected [{layers}, {num_groups}, {num_groups}] fractions in [0, 1]")
     shape = _Shape(num_experts, num_replicas, num_groups, num_nodes, num_devices, speed)
     phy2log = np.empty((layers, num_replicas), dtype=np.int64)
     for layer in range(layers):
+        co_layer = None if co is None else co[layer]
         if migration is None:
-            phy2log[layer] = _plan_layer(w_all[layer], shape, None, 0.0)
+            phy2log[layer] = _plan_layer(w_all[layer], shape, None, 0.0, co_layer)
         else:
             price = migration.price_per_gib * migration.bytes_per_replica / _GIB  # per replica moved
-            phy2log[layer] = _plan_layer(w_all[layer], shape, prev[layer], price)
+            phy2log[layer] = _plan_layer(w_all[layer], shape, prev[layer], price, co_layer)
 
     logcnt = np.zeros((layers, num_experts), dtype=np.int64)
     np.add.at(logcnt, (np.arange(layers)[:, None], phy2log), 1)
@@ -203,7 +224,8 @@ class _Shape:
         return self.num_groups % self.num_nodes == 0
 
 
-def _plan_layer(w: np.ndarray, shape: _Shape, prev: np.ndarray | None, price: float) -> np.ndarray:
+def _plan_layer(w: np.ndarray, shape: _Shape, prev: np.ndarray | None, price: float,
+                co: np.ndarray | None) -> np.ndarray:
     """One layer's phy2log [num_replicas]: the fresh plan, or with a previous placement the cheaper
     of (search from the previous plan) and (fresh plan relabelled to overlap it)."""
     num_devices, num_nodes = shape.num_devices, shape.num_nodes
@@ -211,13 +233,14 @@ def _plan_layer(w: np.ndarray, shape: _Shape, prev: np.ndarray | None, price: fl
     dev_node = np.arange(num_devices) // per_node
     prev_home = _homes_of(prev, shape) if prev is not None else None
     home = _pack_groups(w, shape) if prev_home is None else prev_home
+    reach = _reach(co, home, shape)
     one_per_device = np.ones((shape.num_experts, num_devices), dtype=np.int64)
     plans = []
     for cnt in _replica_counts(w, shape.num_replicas, num_devices, shape.num_groups):
         if plans and plans[0][0] <= 1 + _GOOD_ENOUGH:
             break
-        node_cap = _node_caps(cnt, home, num_nodes, per_node)
-        slots = _fresh_plan(w, cnt, home, shape, node_cap)
+        node_cap = _node_caps(cnt, home, num_nodes, per_node, reach)
+        slots = _fresh_plan(w, cnt, home, shape, node_cap, reach)
         plans.append((_imbalance_1(w, slots, shape), len(plans), slots, node_cap))
     _, _, slots, node_cap = min(plans)
     if prev is None:
@@ -228,43 +251,64 @@ def _plan_layer(w: np.ndarray, shape: _Shape, prev: np.ndarray | None, price: fl
         prev_node_held = np.zeros((shape.num_experts, num_nodes), dtype=np.int64)
         np.add.at(prev_node_held, (prev_slots, dev_node[:, None]), 1)
         candidates.append(_local_search(w, prev_slots.copy(), home, dev_node, shape.speed, one_per_device,
-                                        np.maximum(node_cap, prev_node_held), prev_slots, price))
+                                        np.maximum(node_cap, prev_node_held), prev_slots, price, reach=reach))
     cost = [_imbalance_1(w, c, shape) + price * _moved(c, prev_slots, shape.num_experts) for c in candidates]
     return candidates[int(np.argmin(cost))].ravel()
 
 
-def _fresh_plan(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shape, node_cap: np.ndarray) -> np.ndarray:
+def _fresh_plan(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shape, node_cap: np.ndarray,
+                reach: np.ndarray | None) -> np.ndarray:
     """Steps 3-4 of the module docstring for given counts: slots [num_devices, slots]."""
     num_devices, num_nodes = shape.num_devices, shape.num_nodes
     per_node = num_devices // num_nodes
     if home[0] >= 0:  # node level first: node loads can differ from group loads only via free replicas
         node_speed = shape.speed.reshape(num_nodes, per_node).sum(1)
-        nodes = _node_packing(w, cnt, home, shape, node_speed, node_cap)
+        nodes = _node_packing(w, cnt, home, shape, node_speed, node_cap, reach)
         # a node-level move must not make a replica heavier than a device's share (or than the
         # heaviest one already is): whole nodes balance but a replica cannot be split over devices
         heavy = max((w / cnt).max(), w.sum() / shape.speed.sum() * shape.speed.min())
         nodes = _local_search(w, nodes, home, np.arange(num_nodes), node_speed, node_cap, node_cap, None, 0.0,
-                              heavy)
+                              heavy, reach)
         rl = w / np.bincount(nodes.reshape(-1), minlength=shape.num_experts)
         slots = np.concatenate([
             _lpt(rl, nodes[n], shape.slots, shape.speed[n * per_node:(n + 1) * per_node]) for n in range(num_nodes)])
     else:
         slots = _lpt(w / cnt, np.repeat(np.arange(shape.num_experts), cnt), shape.slots, shape.speed)
     return _local_search(w, slots, home, np.arange(num_devices) // per_node, shape.speed,
-                         np.ones((shape.num_experts, num_devices), dtype=np.int64), node_cap, None, 0.0)
+                         np.ones((shape.num_experts, num_devices), dtype=np.int64), node_cap, None, 0.0,
+                         reach=reach)
 
 
-def _node_caps(cnt: np.ndarray, home: np.ndarray, num_nodes: int, per_node: int) -> np.ndarray:
+def _node_caps(cnt: np.ndarray, home: np.ndarray, num_nodes: int, per_node: int,
+               reach: np.ndarray | None) -> np.ndarray:
     """[experts, nodes] replicas an expert may have on a node: one per device on its home node,
     elsewhere as few as its count allows (one, usually). A replica off the home node serves only
     tokens that reach that node anyway, so an expert's off-home replicas are spread over distinct
-    nodes: more of its tokens can use one of them. Without homes: no limit beyond the devices."""
+    nodes: more of its tokens can use one of them; with ``reach``, none where fewer than 1 / count
+    of its tokens arrive. Without homes: no limit beyond the devices."""
     if home[0] < 0 or num_nodes == 1:
         return np.full((len(cnt), num_nodes), per_node, dtype=np.int64)
     off = np.maximum(1, -(-(cnt - per_node) // (num_nodes - 1)))
     cap = np.repeat(np.minimum(off, per_node)[:, None], num_nodes, axis=1)
+    if reach is not None:
+        cap[reach < 1.0 / cnt[:, None]] = 0
     cap[np.arange(len(cnt)), home] = per_node
     return cap
+
+
+def _reach(co: np.ndarray | None, home: np.ndarray, shape: _Shape) -> np.ndarray | None:
+    """[experts, nodes] fraction of an expert's tokens that reach each node anyway (1 on its home
+    node): the best co-selection with a group homed there. None without coselect or homes."""
+    if co is None or home[0] < 0:
+        return None
+    per_group = shape.num_experts // shape.num_groups
+    group_home = home[::per_group]
+    by_node = np.zeros((shape.num_groups, shape.num_nodes))
+    for g2, n in enumerate(group_home):
+        by_node[:, n] = np.maximum(by_node[:, n], co[:, g2])
+    reach = np.repeat(by_node, per_group, axis=0)
+    reach[np.arange(shape.num_experts), home] = 1.0
+    return reach
 
 
 def _homes_of(prev: np.ndarray, shape: _Shape) -> np.ndarray | None:
@@ -332,20 +376,36 @@ def _replica_counts(w: np.ndarray, num_replicas: int, num_devices: int, num_grou
 
 
 def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shape,
-                  node_speed: np.ndarray, node_cap: np.ndarray) -> np.ndarray:
+                  node_speed: np.ndarray, node_cap: np.ndarray, reach: np.ndarray | None) -> np.ndarray:
     """Replicas onto nodes: [num_nodes, slots per node] expert ids. Every expert's first replica
-    sits on its home node; the others are packed LPT-style onto the nodes within ``node_cap``."""
+    sits on its home node; the others are packed LPT-style onto the nodes within ``node_cap``.
+    With ``reach``, an expert keeps at home the replicas its off-home ones could not relieve
+    (``_fits``: the tokens reaching none of its off-home nodes need its home replicas)."""
     num_nodes = shape.num_nodes
     per_node = shape.num_devices // num_nodes
-    homes = [np.flatnonzero(home == n) for n in range(num_nodes)]
+    at_home = np.ones(shape.num_experts, dtype=np.int64)
+    if reach is not None:
+        room = shape.num_replicas // num_nodes - np.bincount(home, minlength=num_nodes)
+        for e in np.flatnonzero(cnt > 1):
+            r = np.sort(np.where(node_cap[e] > 0, reach[e], 0.0))[::-1][1:]  # best off-home nodes first
+            k = 0  # off-home replicas this expert can use
+            while k < min(cnt[e] - 1, len(r)) and r[k] >= 1.0 / cnt[e] and np.prod(1 - r[:k + 1]) <= (cnt[e] - k - 1) / cnt[e]:
+                k += 1
+            extra = min(cnt[e] - 1 - k, per_node - 1, room[home[e]])
+            at_home[e] += extra
+            room[home[e]] -= extra
+    homes = [np.repeat(np.flatnonzero(home == n), at_home[home == n]) for n in range(num_nodes)]
     rl = w / cnt
     base = np.array([rl[h].sum() for h in homes])
-    free = np.repeat(np.arange(shape.num_experts), cnt - 1)
+    free = np.repeat(np.arange(shape.num_experts), cnt - at_home)
     free = free[np.argsort(-rl[free], kind="stable")]
     size = shape.num_replicas // num_nodes - np.array([len(h) for h in homes])
     held = np.zeros((shape.num_experts, num_nodes), dtype=np.int64)
-    held[np.arange(shape.num_experts), home] = 1
+    held[np.arange(shape.num_experts), home] = at_home
     where = _assign(rl, free, size, node_speed, base, held, node_cap)
+    if where is None:  # the reach limits leave no room: pack within the plain limits instead
+        where = _assign(rl, free, size, node_speed, base, held, _node_caps(cnt, home, num_nodes, per_node, None))
+    assert where is not None, "the plain node limits always leave room"
     return np.stack([np.concatenate([homes[n], free[where == n]]) for n in range(num_nodes)])
 
 
@@ -356,16 +416,17 @@ def _lpt(rl: np.ndarray, experts: np.ndarray, per_device: int, speed: np.ndarray
     held = np.zeros((len(rl), len(speed)), dtype=np.int64)
     where = _assign(rl, items, np.full(len(speed), per_device), speed, np.zeros(len(speed)), held,
                     np.ones_like(held))
+    assert where is not None, "one replica per device always fits: counts <= devices"
     return np.stack([items[where == d] for d in range(len(speed))])
 
 
 def _assign(rl: np.ndarray, items: np.ndarray, size: np.ndarray, speed: np.ndarray, load: np.ndarray,
-            held: np.ndarray, cap: np.ndarray) -> np.ndarray:
+            held: np.ndarray, cap: np.ndarray) -> np.ndarray | None:
     """LPT: items (expert ids, heaviest replica first) each into the container whose load / speed
     stays lowest among those with room and fewer than ``cap[e, c]`` replicas of that expert. ``held``
     [experts, containers] counts replicas already there (not movable). Returns the container per
     item. When every container with room is full of that expert, an earlier item moves into the
-    room and the new one takes its place (a swap that keeps the limits)."""
+    room and the new one takes its place (a swap that keeps the limits); None if none can."""
     load, held, size = load.copy(), held.copy(), size.copy()
     where = np.full(len(items), -1, dtype=np.int64)
     for k, e in enumerate(items):
@@ -377,7 +438,8 @@ def _assign(rl: np.ndarray, items: np.ndarray, size: np.ndarray, speed: np.ndarr
         else:
             c = int(np.flatnonzero(room)[0])
             movable = [j for j in range(k) if held[e, where[j]] < cap[e, where[j]] and held[items[j], c] < cap[items[j], c]]
-            assert movable, "no swap keeps the limits: cannot happen while replicas <= containers * cap"
+            if not movable:
+                return None
             j = min(movable, key=lambda j: max((load[c] + rl[items[j]]) / speed[c],
                                                (load[where[j]] - rl[items[j]] + rl[e]) / speed[where[j]]))
             c2, x = where[j], items[j]
@@ -398,13 +460,14 @@ def _assign(rl: np.ndarray, items: np.ndarray, size: np.ndarray, speed: np.ndarr
 
 def _local_search(w: np.ndarray, slots: np.ndarray, home: np.ndarray, cont_node: np.ndarray, speed: np.ndarray,
                   cap: np.ndarray, node_cap: np.ndarray, prev_slots: np.ndarray | None, price: float,
-                  heavy: float = np.inf) -> np.ndarray:
+                  heavy: float = np.inf, reach: np.ndarray | None = None) -> np.ndarray:
     """Improve slots [containers, slots each] (expert ids; containers are devices or nodes) in place
     by swaps / re-pointing on the most loaded container (module docstring, step 4), keeping at most
     ``cap[e, c]`` replicas of expert e in container c and ``node_cap[e, n]`` on node n, and a replica of every
     homed expert on its home node (``cont_node`` maps container -> node), and no replica heavier
-    than ``heavy`` after re-pointing. With prev_slots, a move pays ``price`` (in max/mean) per
-    replica it places where that expert was not before."""
+    than ``heavy`` after re-pointing; with ``reach`` an expert's off-home replicas must stay
+    usable (``_fits``). With prev_slots, a move pays ``price`` (in max/mean) per replica it places
+    where that expert was not before."""
     num_cont, per_cont = slots.shape
     num_experts = len(w)
     dev = np.repeat(np.arange(num_cont), per_cont)
@@ -432,6 +495,7 @@ def _local_search(w: np.ndarray, slots: np.ndarray, home: np.ndarray, cont_node:
         home_cnt = np.where(home >= 0, node_holds[np.arange(num_experts), np.maximum(home, 0)], 0)
         # leaving container c's node breaks the home rule for the sole replica on the home node
         pinned = (home >= 0) & (home_cnt == 1)
+        fits = _Fits(reach, node_holds, home, cnt, home_cnt)
         # swaps: slot i on d with slot j elsewhere (columns that no row can use are dropped first)
         cross_all = node != cont_node[d]
         cols = np.flatnonzero((dev != d) & (holds[flat, d] < cap[flat, d])
@@ -444,6 +508,9 @@ def _local_search(w: np.ndarray, slots: np.ndarray, home: np.ndarray, cont_node:
               & ~((pinned[x] & (home[x] == cont_node[d]))[:, None] & cross[None, :])
               & ~(cross[None, :] & (node_holds[x[:, None], node[cols][None, :]]
                                     >= node_cap[x[:, None], node[cols][None, :]])))
+        if reach is not None:  # a cross-node swap moves x to dj's node and y to d's
+            nd = cont_node[d]
+            ok &= ~cross[None, :] | (fits(x[:, None], 0, node[cols][None, :], nd) & fits(y, 0, nd, node[cols])[None, :])
         score = np.maximum(new_d, new_j)
         pay = (new_pay[y, d][None, :] + new_pay[x[:, None], dj[None, :]]
                - new_pay[x, d][:, None] - new_pay[y, dj][None, :])
@@ -459,10 +526,13 @@ def _local_search(w: np.ndarray, slots: np.ndarray, home: np.ndarray, cont_node:
         lighter[:, d] = -np.inf
         b_side = lighter.max(1)  # ... on every container holding b (d apart): [experts]
         okb0 = (holds[:, d] < cap[:, d]) & (node_holds[:, cont_node[d]] < node_cap[:, cont_node[d]])
+        if reach is not None:
+            okb0 &= fits(np.arange(num_experts), 1, cont_node[d], -1)
         for i in np.unique(x, return_index=True)[1]:
             a = x[i]
             if (cnt[a] < 2 or w[a] / (cnt[a] - 1) > heavy
-                    or (pinned[a] and home[a] == cont_node[d] and holds[a, d] == 1)):
+                    or (pinned[a] and home[a] == cont_node[d] and holds[a, d] == 1)
+                    or (reach is not None and not fits(a, -1, -1, cont_node[d]))):
                 continue
             grow = (w[a] / (cnt[a] - 1) - rl[a]) / speed  # per replica of a that stays
             on_a = np.flatnonzero(holds[a] > 0)
@@ -489,12 +559,16 @@ def _local_search(w: np.ndarray, slots: np.ndarray, home: np.ndarray, cont_node:
         b_side = np.where(holds > 0, load[None, :] + holds * delta[:, None] / speed[None, :], -np.inf).max(1)
         ok_a = ((dev != d) & (cnt[a_all] >= 2) & (w[a_all] / np.maximum(cnt[a_all] - 1, 1) <= heavy)
                 & ~(pinned[a_all] & (home[a_all] == node) & (holds[a_all, dev] == 1)))
+        if reach is not None:
+            ok_a &= fits(a_all, -1, -1, node)
         base_j = load[dev] + (-rl[a_all] + (holds[a_all, dev] - 1) * grow[a_all]) / speed[dev]
         bs = np.unique(x)[:, None]  # [candidates b, 1] against every slot j
         new_j = base_j + (holds[bs, dev] * delta[bs] + w[bs] / (cnt[bs] + 1)) / speed[dev]
         sc = np.maximum(np.maximum(new_j, a_side), b_side[bs])
         okj = (ok_a & (a_all != bs) & (holds[bs, dev] < cap[bs, dev]) & (node_holds[bs, node] < node_cap[bs, node])
                & (sc < top - tol))
+        if reach is not None:
+            okj &= fits(bs, 1, node, -1)
         g = np.where(okj, (top - sc) / mean - new_pay[bs, dev] + new_pay[a_all, dev], -np.inf)
         k, j = np.unravel_index(int(np.argmax(g)), g.shape)
         if g[k, j] > best[0]:
@@ -521,6 +595,41 @@ def _local_search(w: np.ndarray, slots: np.ndarray, home: np.ndarray, cont_node:
         cnt[a] -= 1
         cnt[b] += 1
     return slots
+
+
+class _Fits:
+    """Whether an expert's off-home replicas stay usable after a change, for node-limited routing
+    where a replica on node n gets only the tokens that reach n anyway (``reach`` [experts, nodes]).
+    Tokens are assumed to reach nodes independently; water-filling (``choose_replicas``) can then
+    give every replica its 1/count share if (a) each off-home node gets >= 1/count of the tokens and
+    (b) the tokens reaching none of them, prod(1 - reach), fit on the home replicas: <= home/count."""
+
+    def __init__(self, reach: np.ndarray | None, node_holds: np.ndarray, home: np.ndarray, cnt: np.ndarray,
+                 home_cnt: np.ndarray):
+        if reach is None:
+            return
+        self.reach, self.node_holds, self.home, self.cnt, self.home_cnt = reach, node_holds, home, cnt, home_cnt
+        self.log_miss = np.log(np.clip(1.0 - reach, 1e-300, None))
+        off = (node_holds > 0) & (np.arange(node_holds.shape[1])[None, :] != home[:, None])
+        self.log_none = np.where(off, self.log_miss, 0.0).sum(1)
+        self.min_reach = np.where(off, reach, np.inf).min(1)
+
+    def __call__(self, e, dcount, add, remove):
+        """e gains (dcount = +1), loses (-1) or moves (0) a replica: onto node ``add`` (-1: none)
+        and off node ``remove`` (-1: none). Broadcasts over arrays."""
+        e, add, remove = np.broadcast_arrays(e, add, remove)
+        home = self.home[e]
+        has_add, has_rem = add >= 0, remove >= 0
+        a, r = np.where(has_add, add, home), np.where(has_rem, remove, home)
+        add_off = has_add & (a != home) & (self.node_holds[e, a] == 0)  # a new off-home node
+        rem_off = has_rem & (r != home) & (self.node_holds[e, r] == 1)  # an off-home node left
+        log_none = (self.log_none[e] + np.where(add_off, self.log_miss[e, a], 0.0)
+                    - np.where(rem_off, self.log_miss[e, r], 0.0))
+        at_home = self.home_cnt[e] + (has_add & (a == home)) - (has_rem & (r == home))
+        cnt = self.cnt[e] + dcount
+        min_reach = np.minimum(self.min_reach[e], np.where(add_off, self.reach[e, a], np.inf))
+        with np.errstate(divide="ignore", invalid="ignore"):  # cnt 0: a move other checks reject
+            return (min_reach * cnt >= 1 - 1e-9) & (log_none <= np.log(at_home / cnt) + 1e-9)
 
 
 def _imbalance_1(w: np.ndarray, slots: np.ndarray, shape: _Shape) -> float:

@@ -90,3 +90,11 @@ def test_train_entry_point_with_expert_parallelism(tmp_path):
         for e in ep_steps:
             for loads in e["expert_load"].values():
                 assert len({sum(row) for row in loads}) == 1 and sum(loads[0]) > 0
+
+
+def test_pipeline_with_four_way_expert_parallelism(tmp_path):
+    # pp=2 x ep=4 on 8 ranks: EP groups of 2 nodes x 2, so hop 2 moves tokens inside a node too
+    _, out, _ = mpirun(8, "tests.mpi.ep_pipeline_checks", str(tmp_path), "dualpipe:4:2", timeout=300)
+    (r,) = map(json.loads, (tmp_path / "ep-pipeline-results.jsonl").read_text().splitlines())
+    assert r["ep"] == 4 and r["max_grad_calc_diff"] < 1e-12 and r["norm_rel"] <= 1e-6 and r["curve_max_rel"] <= 1e-6
+    assert "rank 7: all ep pipeline checks ok" in out

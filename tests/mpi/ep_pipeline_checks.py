@@ -1,13 +1,13 @@
-"""Pipeline x expert parallelism (pp = 2 x ep = 2 on 4 ranks) against the single-process reference.
+"""Pipeline x expert parallelism (pp = 2 x ep = 2 or 4) against the single-process reference.
 
-Run: python -m launch.local -n 4 tests.mpi.ep_pipeline_checks LOG_DIR CASE [CASE ...]
-with CASE = ``schedule:microbatches:steps``.
+Run: python -m launch.local -n 4|8 tests.mpi.ep_pipeline_checks LOG_DIR CASE [CASE ...]
+with CASE = ``schedule:microbatches:steps`` (ep = ranks / 2).
 
-Layout (:func:`actors.ep_layout.expert_parallel_job`): 4 emulated nodes of 1 device, pp 2 x ep 2:
-each stage's EP group spans 2 nodes, so every dispatch crosses "nodes". Every rank runs a
-:class:`actors.pipeline.StageActor` over its pipeline communicator with an
-:class:`actors.ep_stage.EPExecutor` over its EP group (12 expert slots for 8 experts: replicas),
-and trains on its own half of each global microbatch (:class:`actors.data.RowShard`). Every rank
+Layout (:func:`actors.ep_layout.expert_parallel_job`): 4 emulated nodes of ep / 2 devices, pp 2 x
+ep: each stage's EP group spans 2 nodes, so dispatch crosses "nodes" (and, at ep 4, fans out inside
+them). Every rank runs a :class:`actors.pipeline.StageActor` over its pipeline communicator with an
+:class:`actors.ep_stage.EPExecutor` over its EP group (12 or 16 expert slots for 8 experts:
+replicas), and trains on its own 1/ep of each global microbatch (:class:`actors.data.RowShard`). Every rank
 also runs :class:`actors.reference.Reference` on the whole global batch and checks:
 
 * step 0: every gradient of its chunks after the mirror sum and the EP sync (expert slots against
@@ -39,7 +39,9 @@ from runtime import log
 from runtime.schedules import build
 
 world = MPI.COMM_WORLD
-SEED, MICRO_BATCH, PP, EP, NUM_REPLICAS = 3, 4, 2, 2, 12
+SEED, MICRO_BATCH, PP = 3, 4, 2
+EP = world.Get_size() // PP
+NUM_REPLICAS = 12 if EP == 2 else 16  # replicas: 12 or 16 slots for 8 experts
 GRAD_TOL, REL_TOL = 1e-12, 1e-6
 
 

@@ -73,7 +73,8 @@ def run_case(spec: str) -> dict:
                         want = ref_grads[pname]
                     diffs[f"{c}:{pname}"] = calc_diff(p.grad, want) if (p.grad.any() or want.any()) else 0.0
 
-        ref0 = ref.train_step(0, inspect=lambda rf: ref_grads.update({n: g.clone() for n, g in rf.named_grads().items()}))
+        ref0 = ref.train_step(0, inspect=lambda rf: ref_grads.update({n: g.clone()
+                                                                       for n, g in rf.named_grads().items()}))
         r0 = actor.train_step(0, inspect=inspect)
         worst = max(diffs, key=diffs.get)
         if diffs[worst] >= GRAD_TOL:

@@ -1,6 +1,6 @@
 """Reliability under real mpiexec: faults named by the supervisor, resume bit for bit, one-line errors.
 
-Faults (tests/mpi/faults.py) are injected on rank 1 (pipeline stage 1 of 3, 1F1B) at step 3 with
+Faults (tests/mpi/faults.py) are injected on rank 1 (pipeline stage 1 of 2, 1F1B) at step 3 with
 short deadlines (heartbeat 0.5 s, liveness 3 s, progress 5 s) to stay fast; each job must end
 non-zero with the supervisor naming rank 1, its role and the verdict, within the deadline plus a
 margin for this shared 2-core machine (seconds from the FAULT line to the verdict, both wall clock).
@@ -22,7 +22,7 @@ from tests.mpirun import mpirun
 pytestmark = pytest.mark.mpi
 
 FAST = SupervisorConfig(heartbeat_s=0.5, liveness_s=3.0, progress_s=5.0, startup_s=90.0)
-TRAIN = ["--schedule", "1f1b", "--pp", "3", "--microbatches", "3", "--model", "tiny", "--steps", "40", "--no-trace"]
+TRAIN = ["--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "--model", "tiny", "--steps", "40", "--no-trace"]
 
 
 def _supervised(n: int, args: list[str], fault_file, timeout: float = 150) -> tuple[int, str]:
@@ -42,31 +42,27 @@ def _report_delay(out: str, fault_file) -> tuple[dict, float]:
     return report, report["t_wall"] - fault_t
 
 
-# fault -> (verdict, seconds allowed from fault to verdict: the deadline plus margin)
-FAULTS = {"kill": ("died", 3.0), "raise": ("failed", 3.0), "stop": ("silent", FAST.liveness_s + 3.0),
-          "mute": ("stuck", FAST.progress_s + 3.0)}
+# fault -> (verdict, seconds allowed from fault to verdict: the deadline plus margin). A rank that
+# raises is the NaN test's "stop" case below.
+FAULTS = {"kill": ("died", 3.0), "stop": ("silent", FAST.liveness_s + 3.0), "mute": ("stuck", FAST.progress_s + 3.0)}
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_fault_is_named_with_rank_and_role_within_the_deadline(fault, tmp_path):
     verdict, allowed = FAULTS[fault]
-    rc, out = _supervised(3, [fault, "1", "3", *TRAIN, "--log-dir", str(tmp_path)], tmp_path / "fault-time")
+    rc, out = _supervised(2, [fault, "1", "3", *TRAIN, "--log-dir", str(tmp_path)], tmp_path / "fault-time")
     assert rc != 0, out[-3000:]
-    if fault in ("stop", "mute"):  # the supervisor ended the job (a crash or an exception ends it by itself)
+    if fault != "kill":  # the supervisor ended the job (a crash takes its peers down by itself)
         assert rc == EXIT_CODE, out[-3000:]
-    head = f"supervisor: rank 1 (pipeline stage 1 of 3 (1f1b), pid "
+    head = "supervisor: rank 1 (pipeline stage 1 of 2 (1f1b), pid "
     assert head in out and f") {verdict}: " in out, out[-3000:]
     report, delay = _report_delay(out, tmp_path / "fault-time")
     assert report["rank"] == 1 and report["verdict"] == verdict and report["step"] is not None
     assert delay < allowed, f"{fault}: named after {delay:.1f} s (allowed {allowed} s)"
     print(f"{fault}: named as {verdict} {delay:.2f} s after the fault")
-    # what every other rank was doing / waiting for
-    for other in (0, 2):
-        assert f"    rank {other} (pipeline stage {other} of 3 (1f1b)" in out
-    if fault == "raise":
-        assert "RuntimeError: injected fault on rank 1 at step 3" in report["error"]
+    assert "    rank 0 (pipeline stage 0 of 2 (1f1b)" in out  # what the other rank was doing
     if fault == "mute":
-        assert "ranks 0,2 wait on it" in report["why"] and "waiting for rank 1" in out
+        assert "rank 0 waits on it" in report["why"] and "waiting for rank 1" in out
     if fault == "stop":
         assert "process stopped" in report["why"]
 
@@ -80,9 +76,12 @@ def test_nan_gradient_is_located_and_the_policy_applied(policy, tmp_path):
             "--steps", "6", "--no-trace", "--log-dir", str(tmp_path), "--run-id", "nan", "--nonfinite", policy]
     rc, out = _supervised(2, args, tmp_path / "fault-time")
     found = f"rank 1 stage 1: non-finite gradients in layer {layer} (first in the backward: layer {layer})"
-    if policy == "stop":
+    if policy == "stop":  # a rank that raises: named with its error at once
         assert rc != 0 and "supervisor: rank 1 (pipeline stage 1 of 2 (1f1b)" in out and ") failed: " in out
-        assert f"NonFiniteError: step 3: gradient norm nan; {found}" in out
+        report, delay = _report_delay(out, tmp_path / "fault-time")
+        assert report["rank"] == 1 and report["error"].startswith(f"NonFiniteError: step 3: gradient norm nan; {found}")
+        assert delay < 3.0, f"raise: named after {delay:.1f} s"
+        print(f"raise (NonFiniteError): named as failed {delay:.2f} s after the fault")
         return
     assert rc == 0, out[-3000:]
     events = [json.loads(x) for x in (tmp_path / "nan" / "rank-1.jsonl").read_text().splitlines()]

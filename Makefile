@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 RANKS  ?= 4
 ARGS   ?=
 
-.PHONY: help setup run demo test test-fast bench bench-transport bench-kernels bench-pipeline bench-telemetry bench-moe bench-placement schedule topology analyze clean
+.PHONY: help setup run demo test test-fast bench bench-transport bench-kernels bench-pipeline bench-telemetry bench-moe bench-placement schedule topology plan cluster analyze clean
 
 help:
 	@echo "make setup   - create $(VENV) with torch 2.13.0 (CPU build here), mpi4py + mpich wheel, the rest"
@@ -17,6 +17,8 @@ help:
 	@echo "make bench   - transport, kernel, pipeline, telemetry, EP dispatch/combine and expert placement benchmarks (tables + JSON in bench/results/)"
 	@echo "make schedule ARGS='dualpipe --pp 8 --microbatches 20' - print a pipeline schedule"
 	@echo "make topology ARGS='--nodes 8 --devices-per-node 8 --max-nodes 4' - rank layout, expert placement, predicted EP traffic"
+	@echo "make plan ARGS='--cluster v3-2048.toml' - DeepSeek-V3 at full scale priced without the hardware"
+	@echo "make cluster HOSTFILE=hosts NP=16 CONFIG=run.toml [MPI=openmpi|mpich|slurm] [DRY=1] - launch on a cluster"
 	@echo "make clean   - remove logs, caches and bench results (keeps $(VENV))"
 
 $(PY):
@@ -78,6 +80,14 @@ schedule: setup
 
 topology: setup
 	$(PY) -m launch.topology $(ARGS)
+
+plan: setup
+	$(PY) -m launch.plan $(or $(ARGS),--cluster v3-2048.toml)
+
+cluster: setup
+	@test -n "$(HOSTFILE)" -a -n "$(NP)" || { echo "make cluster: give HOSTFILE=hosts NP=ranks [CONFIG=run.toml]"; exit 2; }
+	PYTHON=$(PY) $(PY) -m launch.cluster -f $(HOSTFILE) -n $(NP) $(if $(MPI),--mpi $(MPI)) $(if $(DRY),--dry-run) \
+		-- launch.train $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 clean:
 	rm -rf logs bench/results .pytest_cache .hypothesis

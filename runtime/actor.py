@@ -88,6 +88,7 @@ class Actor(abc.ABC):
         self.last_step_s: float | None = None
         self.last_compute_s: float | None = None
         self.heartbeat: Heartbeat | None = None
+        self._world_of: list[int] | None = None  # this communicator's ranks as COMM_WORLD ranks
         self.running = False
 
     def _on_transfer(self, name: str, t0: int, t1: int, **fields) -> None:
@@ -105,14 +106,22 @@ class Actor(abc.ABC):
         ``waits_for``: the ranks this one has receives open from — a stalled rank is blocked on one
         of them (the supervisor follows these edges to the culprit)."""
         pending = self.transport.pending()
+        if self._world_of is not None:  # the transport's peers are ranks of self.comm
+            pending = [{**p, "peer": self._world_of[p["peer"]]} if p["op"] in ("send", "recv") else p for p in pending]
         return {"step": self.progress_step, "action": str(self.progress_action), "count": self.progress_count,
                 "waits_for": sorted({p["peer"] for p in pending if p["op"] == "recv"}), "pending": pending[:16],
                 "num_pending": len(pending), "last_step_s": self.last_step_s,
                 "last_compute_s": self.last_compute_s, "flight": self.flight.tail(24)}
 
     def supervise(self, address: str, *, interval_s: float = 1.0, log_dir: str | None = None) -> None:
-        """Start heartbeats to the supervisor at ``address`` (``launch.supervisor``)."""
-        self.heartbeat = Heartbeat(address, rank=self.rank, status=self.status, role=self.role_info(),
+        """Start heartbeats to the supervisor at ``address`` (``launch.supervisor``).
+
+        The supervisor knows ranks by their place in the job, so the heartbeat carries this
+        process's COMM_WORLD rank and ``waits_for`` is translated from this actor's communicator
+        (e.g. the pipeline communicator of one expert-parallel slice) to COMM_WORLD ranks."""
+        world = MPI.COMM_WORLD
+        self._world_of = MPI.Group.Translate_ranks(self.comm.Get_group(), list(range(self.size)), world.Get_group())
+        self.heartbeat = Heartbeat(address, rank=world.Get_rank(), status=self.status, role=self.role_info(),
                                    log_dir=log_dir, interval_s=interval_s)
 
     def start(self) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from topology.placement import (Migration, choose_replicas, expert_state_bytes, group_home_nodes, imbalance,
-                                rebalance)
+                                moved_replicas, rebalance)
 
 V3 = (320, 8, 8, 64)  # num_replicas, num_groups, num_nodes, num_devices for 256 experts
 SMALL = (48, 4, 2, 8)  # 32 experts in 4 groups, 2 nodes x 4 devices, 6 slots each
@@ -246,6 +246,7 @@ def test_migration_moves_fewer_bytes_than_a_fresh_plan():
                                                            price_per_gib=0.01))
     check_rules(drifted, cheap, *SMALL)
     assert moved(cheap[0]) < moved(fresh)
+    assert moved_replicas(fresh, prev, 8).sum().item() == moved(fresh)
     assert (imbalance(drifted, cheap[0], 8) < imbalance(drifted, prev, 8)).all(), "the re-plan must help"
     # nothing is worth an infinite price: the previous placement comes back unchanged
     frozen = rebalance(drifted, *SMALL, migration=Migration(previous=prev, bytes_per_replica=per_replica,

@@ -58,7 +58,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Migration", "choose_replicas", "expert_state_bytes", "group_home_nodes", "imbalance", "rebalance"]
+__all__ = ["Migration", "choose_replicas", "expert_state_bytes", "group_home_nodes", "imbalance", "moved_replicas",
+           "rebalance"]
 
 _GIB = float(1 << 30)
 _TOL = 1e-9  # relative to the mean device load: moves must gain more than rounding noise
@@ -111,6 +112,15 @@ def imbalance(load: torch.Tensor, phy2log: torch.Tensor, num_devices: int,
     mean = dev.sum(-1, keepdim=True) / speed.sum()
     ratio = (dev / speed).max(-1, keepdim=True).values / mean
     return torch.where(mean > 0, ratio, torch.ones_like(ratio)).squeeze(-1)
+
+
+def moved_replicas(phy2log: torch.Tensor, previous: torch.Tensor, num_devices: int) -> torch.Tensor:
+    """Replicas per layer that land on a device which did not hold that expert before (each one
+    moves ``expert_state_bytes`` over the network). phy2log, previous: [layers, num_replicas]."""
+    new = phy2log.cpu().numpy().reshape(phy2log.shape[0], num_devices, -1)
+    old = previous.cpu().numpy().reshape(new.shape)
+    num_experts = int(max(new.max(), old.max())) + 1
+    return torch.tensor([_moved(n, o, num_experts) for n, o in zip(new, old)])
 
 
 def group_home_nodes(phy2log: torch.Tensor, num_groups: int, num_nodes: int, num_devices: int) -> torch.Tensor:
@@ -389,7 +399,8 @@ def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shap
         for e in np.flatnonzero(cnt > 1):
             r = np.sort(np.where(node_cap[e] > 0, reach[e], 0.0))[::-1][1:]  # best off-home nodes first
             k = 0  # off-home replicas this expert can use
-            while k < min(cnt[e] - 1, len(r)) and r[k] >= 1.0 / cnt[e] and np.prod(1 - r[:k + 1]) <= (cnt[e] - k - 1) / cnt[e]:
+            while (k < min(cnt[e] - 1, len(r)) and r[k] >= 1.0 / cnt[e]
+                   and np.prod(1 - r[:k + 1]) <= (cnt[e] - k - 1) / cnt[e]):
                 k += 1
             extra = min(cnt[e] - 1 - k, per_node - 1, room[home[e]])
             at_home[e] += extra
@@ -437,7 +448,8 @@ def _assign(rl: np.ndarray, items: np.ndarray, size: np.ndarray, speed: np.ndarr
             c = cand[np.argmin((load[cand] + rl[e]) / speed[cand])]
         else:
             c = int(np.flatnonzero(room)[0])
-            movable = [j for j in range(k) if held[e, where[j]] < cap[e, where[j]] and held[items[j], c] < cap[items[j], c]]
+            movable = [j for j in range(k)
+                       if held[e, where[j]] < cap[e, where[j]] and held[items[j], c] < cap[items[j], c]]
             if not movable:
                 return None
             j = min(movable, key=lambda j: max((load[c] + rl[items[j]]) / speed[c],

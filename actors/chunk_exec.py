@@ -9,11 +9,12 @@ chunks expert-parallel over the stage's ep group.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import torch
 
+from actors.fb_overlap import Steps, drive
 from actors.model import Stage
 from actors.optim import grad_sq_sum
 
@@ -24,12 +25,19 @@ class ChunkExecutor(Protocol):
     loss_scale: float
     """Factor on this rank's loss (1 / ranks sharing a microbatch's rows)."""
 
-    def forward(self, chunk: int, key: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunk ``chunk``'s forward of microbatch ``key``: (output, balance loss)."""
+    def forward_steps(self, chunk: int, key: object, x: torch.Tensor) -> Steps:
+        """Chunk ``chunk``'s forward of microbatch ``key`` as steps (actors/fb_overlap.py), returning
+        (output, balance loss)."""
 
-    def backward(self, chunk: int, key: object, roots: Sequence[torch.Tensor],
-                 grads: Sequence[torch.Tensor | None]) -> None:
-        """Its backward from ``roots`` / ``grads`` (the loss, or the output and its gradient)."""
+    def backward_steps(self, chunk: int, key: object, roots: Sequence[torch.Tensor],
+                       grads: Sequence[torch.Tensor | None]) -> Steps:
+        """Its backward from ``roots`` / ``grads`` (the loss, or the output and its gradient), as steps."""
+
+    def run(self, steps: Steps) -> object:
+        """Run one action's steps alone; returns their result."""
+
+    def run_pair(self, forward: Steps, backward: Steps, *, after_first: Callable[[], None]) -> None:
+        """An FB action: a forward and a backward (``after_first`` once the forward is done)."""
 
     def sync_grads(self) -> None:
         """Combine gradients with the other ranks of the stage (after the mirror sum)."""
@@ -55,11 +63,21 @@ class LocalExecutor:
     def __init__(self, chunks: Mapping[int, Stage]):
         self.chunks = chunks
 
-    def forward(self, chunk: int, key: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_steps(self, chunk: int, key: object, x: torch.Tensor) -> Steps:
+        yield from ()  # no exchanges: steps that only compute
         return self.chunks[chunk](x)
 
-    def backward(self, chunk: int, key: object, roots, grads) -> None:
+    def backward_steps(self, chunk: int, key: object, roots, grads) -> Steps:
+        yield from ()
         torch.autograd.backward(roots, grads)
+
+    def run(self, steps: Steps) -> object:
+        return drive(steps)
+
+    def run_pair(self, forward: Steps, backward: Steps, *, after_first: Callable[[], None]) -> None:
+        drive(forward)
+        after_first()
+        drive(backward)
 
     def sync_grads(self) -> None:
         pass

@@ -18,14 +18,15 @@ float operations of a block are the single-process block's, in the same order.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from mpi4py import MPI
 
-from actors.ep_moe import EPMoE, MicroBatch, run_comm
+from actors.ep_moe import EPMoE, MicroBatch
+from actors.fb_overlap import Steps, WaitClock, drive, run_pair
 from actors.grad_sync import EPGradSync
 from actors.model import MoE, Stage
 from kernels import linear
@@ -79,10 +80,11 @@ class EPChunk:
         slots = {id(p) for ep in self.moe.values() for p in ep.experts_parameters()}
         return [p for p in self.stage.parameters() if id(p) not in slots]
 
-    def forward(self, key: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: token ids ``[batch, seq]`` on the first stage, else ``[batch, seq, hidden]``. Returns the
-        stage output and its balance loss (a detached value: :meth:`backward` takes its gradient).
-        With grad enabled the segments are kept under ``key`` until :meth:`backward`."""
+    def forward_steps(self, key: object, x: torch.Tensor) -> Steps:
+        """x: token ids ``[batch, seq]`` on the first stage, else ``[batch, seq, hidden]``. A generator
+        yielding each exchange it posts (resume it once the op is done: :func:`drive`); returns the
+        stage output and its balance loss (a detached value: the backward takes its gradient).
+        With grad enabled the segments are kept under ``key`` until the backward."""
         st = self.stage
         if st.is_first:
             x = F.embedding(x, st.embed)
@@ -97,9 +99,9 @@ class EPChunk:
             mb = MicroBatch(key)
             ep.gate(mb, block.ffn_norm(x))
             aux = aux + mb.aux.detach()
-            run_comm(ep.dispatch(mb))
+            yield from ep.dispatch(mb)
             ep.experts(mb)
-            run_comm(ep.combine(mb))
+            yield from ep.combine(mb)
             leaf = x.detach().requires_grad_(x.requires_grad)
             segments.append(_Segment(ep, mb, x, leaf))
             x = leaf + ep.finish(mb)
@@ -109,20 +111,20 @@ class EPChunk:
             self._segments[key] = segments
         return x, aux
 
-    def backward(self, key: object, roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
-                 aux_grad: torch.Tensor | None) -> None:
-        """Backward of :meth:`forward` under ``key`` from the last segment's ``roots`` / ``grads``
-        (e.g. the loss, or the output and the gradient received for it), each MoE's balance loss
-        weighted by ``aux_grad`` (None: not trained). Gradients accumulate into the parameters and
-        the chunk input's ``.grad``."""
+    def backward_steps(self, key: object, roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
+                       aux_grad: torch.Tensor | None) -> Steps:
+        """Backward of :meth:`forward_steps` under ``key`` (a generator of exchanges, as it) from the
+        last segment's ``roots`` / ``grads`` (the loss, or the output and the gradient received for
+        it), each MoE's balance loss weighted by ``aux_grad`` (None: not trained). Gradients
+        accumulate into the parameters and the chunk input's ``.grad``."""
         torch.autograd.backward(list(roots), list(grads))
         for seg in reversed(self._segments.pop(key)):
             ep, mb = seg.ep, seg.mb
             mb.grad_routed = mb.routed.grad
             mb.grad_shared = mb.shared_leaf.grad if mb.shared is not None else None
-            run_comm(ep.combine_backward(mb))
+            yield from ep.combine_backward(mb)
             ep.experts_backward(mb)
-            run_comm(ep.dispatch_backward(mb))
+            yield from ep.dispatch_backward(mb)
             ep.gate_backward(mb, aux_grad, residual=(seg.residual, seg.residual_leaf.grad))
 
 
@@ -149,13 +151,29 @@ class EPExecutor:
         self._sync = {c: EPGradSync(comm, replicated=ch.replicated_parameters(), experts=list(ch.moe.values()))
                       for c, ch in self.chunks.items()}
         self._loads: dict[int, torch.Tensor] = {}
+        self.overlap = True
+        """FB actions interleave their forward and backward (actors/fb_overlap.py); False: one after
+        the other (the bench's comparison)."""
+        self.clock = WaitClock()
+        """Time blocked on exchanges: ``fb`` inside FB actions, ``other`` elsewhere."""
         self._reported: Counter[str] = Counter()
 
-    def forward(self, chunk: int, key: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.chunks[chunk].forward(key, x)
+    def forward_steps(self, chunk: int, key: object, x: torch.Tensor) -> Steps:
+        return self.chunks[chunk].forward_steps(key, x)
 
-    def backward(self, chunk: int, key: object, roots, grads) -> None:
-        self.chunks[chunk].backward(key, roots, grads, self._aux_grad)
+    def backward_steps(self, chunk: int, key: object, roots, grads) -> Steps:
+        return self.chunks[chunk].backward_steps(key, roots, grads, self._aux_grad)
+
+    def run(self, steps: Steps) -> object:
+        return drive(steps, self.clock, "other")
+
+    def run_pair(self, forward: Steps, backward: Steps, *, after_first: Callable[[], None]) -> None:
+        if self.overlap:
+            run_pair(forward, backward, after_first=after_first, clock=self.clock, label="fb")
+        else:
+            drive(forward, self.clock, "fb")
+            after_first()
+            drive(backward, self.clock, "fb")
 
     def sync_grads(self) -> None:
         for sync in self._sync.values():
@@ -170,14 +188,16 @@ class EPExecutor:
 
     def step_stats(self) -> dict:
         """For the step log: this rank's bytes sent per exchange phase and link class since the last
-        call, and each chunk's expert load of the step (summed over the ep group, per MoE layer)."""
+        call, each chunk's expert load of the step (summed over the ep group, per MoE layer) and the
+        time blocked on exchanges (``fb``: inside FB actions, ``other``: elsewhere)."""
         total: Counter[str] = Counter()
         for ch in self.chunks.values():
             for ep in ch.moe.values():
                 total.update(ep.traffic)
         delta = {k: v - self._reported[k] for k, v in sorted(total.items())}
         self._reported = total
-        return {"bytes": delta, "expert_load": {str(c): load.tolist() for c, load in self._loads.items()}}
+        return {"bytes": delta, "expert_load": {str(c): load.tolist() for c, load in self._loads.items()},
+                "exchange_wait_s": self.clock.take()}
 
     def microbatch_losses(self, losses: torch.Tensor) -> torch.Tensor:
         out = losses.to(torch.float64).contiguous().clone()

@@ -36,6 +36,7 @@ from mpi4py import MPI
 from actors import nonfinite as nf
 from actors.data import TokenSource
 from actors.chunk_exec import ChunkExecutor, LocalExecutor
+from actors.fb_overlap import Steps
 from actors.model import ModelConfig, Stage, build_stage, loss_fn
 from actors.optim import AdamW, OptimConfig
 from kernels import WeightGradDeferral
@@ -307,12 +308,18 @@ class StageActor(Actor):
             self.progress_action = a
             self.progress_count += 1
             if isinstance(a, FB):
-                self._forward(a.f, forward_only)
-                for j in self._early_sends.get(i, ()):
-                    self._do(self.actions[j], forward_only=forward_only)
-                    done_early.add(j)
-                if not forward_only:
-                    self._backward(a.b)
+                early = self._early_sends.get(i, ())
+                done_early.update(early)
+
+                def send_output(early=early) -> None:
+                    for j in early:
+                        self._do(self.actions[j], forward_only=forward_only)
+
+                if forward_only:
+                    self.exec.run(self._forward(a.f, True))
+                    send_output()
+                else:  # the executor may interleave the two (actors/fb_overlap.py)
+                    self.exec.run_pair(self._forward(a.f, False), self._backward(a.b), after_first=send_output)
             else:
                 self._do(a, forward_only=forward_only)
             if not forward_only:
@@ -322,9 +329,9 @@ class StageActor(Actor):
     def _do(self, a, *, forward_only: bool) -> None:
         if isinstance(a, Compute):
             if a.op == "F":
-                self._forward(a, forward_only)
+                self.exec.run(self._forward(a, forward_only))
             elif not forward_only:
-                self._backward(a) if a.op == "B" else self._weight_grad(a)
+                self.exec.run(self._backward(a)) if a.op == "B" else self._weight_grad(a)
         elif isinstance(a, Recv):
             if forward_only and a.kind == "grad":
                 return
@@ -366,7 +373,7 @@ class StageActor(Actor):
                                f"schedule neither receives nor computes on this rank first")
         return store.pop(key)
 
-    def _forward(self, a: Compute, forward_only: bool) -> None:
+    def _forward(self, a: Compute, forward_only: bool) -> Steps:
         stage = self.stage_ids[a.chunk]
         gmb = self.schedule.global_mb(a.dir, a.mb)
         key = (a.dir, a.mb, a.chunk)
@@ -382,7 +389,7 @@ class StageActor(Actor):
                 x = x.detach().requires_grad_()
                 self._inputs[key] = x
         t0 = time.monotonic_ns()
-        y, aux = self.exec.forward(a.chunk, key, x)
+        y, aux = yield from self.exec.forward_steps(a.chunk, key, x)
         if last:
             if forward_only:
                 self._logits[gmb] = y
@@ -408,7 +415,7 @@ class StageActor(Actor):
             self._release(key)
         self._compute_done("F", a, t0)
 
-    def _backward(self, a: Compute) -> None:
+    def _backward(self, a: Compute) -> Steps:
         stage = self.stage_ids[a.chunk]
         key = (a.dir, a.mb, a.chunk)
         roots, grads = self._graph.pop(key)
@@ -417,10 +424,10 @@ class StageActor(Actor):
         t0 = time.monotonic_ns()
         if a.split:
             with self._wgrad_deferral.capture() as pending:
-                self.exec.backward(a.chunk, key, roots, grads)
+                yield from self.exec.backward_steps(a.chunk, key, roots, grads)
             self._wgrads[key] = pending
         else:
-            self.exec.backward(a.chunk, key, roots, grads)
+            yield from self.exec.backward_steps(a.chunk, key, roots, grads)
         if stage != 0:
             self._grads[key] = self._inputs.pop(key).grad
         # Free the graph inside the span: tearing down a microbatch's autograd graph is part of

@@ -29,6 +29,7 @@ from mpi4py import MPI
 
 from actors.data import SyntheticTokens
 from actors.ep_stage import EPChunk
+from actors.fb_overlap import drive
 from actors.grad_sync import EPGradSync
 from actors.model import ModelConfig, build_stage, loss_fn
 from actors.optim import AdamW, OptimConfig
@@ -81,10 +82,10 @@ def run_case(comm: MPI.Comm, name: str, *, nodes: int, per_node: int, num_replic
         losses = []
         for mb in range(MICROBATCHES):
             tokens, targets = data.batch(step, mb, MICRO_BATCH)
-            y, _ = chunk.forward(mb, tokens[rows])
+            y, _ = drive(chunk.forward_steps(mb, tokens[rows]))
             loss = loss_fn(y, targets[rows])
             losses.append(comm.allreduce(loss.item()) / ep_size)  # the global microbatch's mean
-            chunk.backward(mb, [loss * scale], [None], torch.tensor(scale))
+            drive(chunk.backward_steps(mb, [loss * scale], [None], torch.tensor(scale)))
         sync.sync()
         norm = float(sync.grad_sq_sum().sqrt())
         ref_grads = {}

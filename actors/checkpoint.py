@@ -1,8 +1,9 @@
 """Checkpoints: one shard per rank, written atomically, a manifest written last, resumed bit-exactly.
 
-``DIR/step-00000010/`` holds ``rank-R.pt`` for every pipeline rank and ``manifest.json``. A shard
-is everything rank R's future depends on: its chunks' parameters and balancing biases (the
-modules' state dicts), AdamW's moments and step counts, torch's (and CUDA's) RNG state and the
+``DIR/step-00000010/`` holds ``rank-R.pt`` for every rank of the job (R: its COMM_WORLD rank; under
+expert parallelism each rank of a stage's expert group holds its own expert slots) and
+``manifest.json``. A shard is everything rank R's future depends on: its chunks' parameters, expert
+slots and balancing biases (the modules' state dicts), AdamW's moments and step counts, torch's (and CUDA's) RNG state and the
 next step (the data position: every microbatch is a pure function of ``(seed, step, index)``).
 Each file is
 written to a temporary name, fsynced and renamed, so a reader sees a whole file or none; rank 0
@@ -10,8 +11,9 @@ writes the manifest (layout, run settings, size and SHA-256 of every shard) only
 has reported its shard, so a checkpoint without a manifest was interrupted and is never loaded —
 :func:`latest` falls back to the previous complete one.
 
-A checkpoint is tied to the layout its shards were cut for (schedule, pipeline ranks, model
-shape); resuming under another layout is refused naming every field that differs.
+A checkpoint is tied to the layout its shards were cut for (schedule, pipeline and expert-parallel
+ranks, emulated nodes, model shape); resuming under another layout is refused naming every field
+that differs. The expert placement needs no shard: it is a pure function of that layout.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ _NOT_LAYOUT = ("precision",)
 
 
 def layout_of(cfg: TrainConfig) -> dict:
-    """What a shard's contents depend on: schedule, pipeline ranks and the model's shape."""
+    """What a shard's contents depend on: schedule, pipeline and expert-parallel ranks, nodes, model shape."""
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in _NOT_LAYOUT}
-    return {"format": FORMAT, "schedule": cfg.pipeline.schedule, "pp": cfg.pipeline.pp, "model": model}
+    return {"format": FORMAT, "schedule": cfg.pipeline.schedule, "pp": cfg.pipeline.pp, "ep": cfg.pipeline.ep,
+            "nodes": cfg.pipeline.nodes, "model": model}
 
 
 def layout_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -67,7 +70,7 @@ def _complete(step_dir: Path) -> dict | None:
     try:
         manifest = json.loads((step_dir / "manifest.json").read_text())
         shards = manifest["shards"]
-        if len(shards) != manifest["layout"]["pp"]:
+        if len(shards) != manifest["layout"]["pp"] * manifest["layout"]["ep"]:
             return None
         if any((step_dir / s["file"]).stat().st_size != s["bytes"] for s in shards):
             return None
@@ -108,7 +111,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def save(root: str | os.PathLike, actor, cfg: TrainConfig, next_step: int, comm: MPI.Comm = MPI.COMM_WORLD) -> Path:
-    """Write the checkpoint taken after ``next_step`` optimizer steps (collective over ``comm``).
+    """Write the checkpoint taken after ``next_step`` optimizer steps (collective over ``comm``,
+    the whole job: one shard per rank of it).
 
     ``actor`` is the rank's :class:`~actors.pipeline.StageActor`. Returns the checkpoint folder.
     """
@@ -148,7 +152,8 @@ def save(root: str | os.PathLike, actor, cfg: TrainConfig, next_step: int, comm:
 
 
 def restore(step_dir: Path, manifest: dict, actor, rank: int) -> int:
-    """Load rank ``rank``'s shard of a complete checkpoint into ``actor``; returns the next step.
+    """Load rank ``rank``'s shard (its COMM_WORLD rank) of a complete checkpoint into ``actor``;
+    returns the next step.
 
     The layout must already have been checked (:func:`layout_diff`, done before any work by
     :func:`actors.preflight.preflight`). Raises ValueError if the shard's bytes do not match the

@@ -164,9 +164,9 @@ def _program(cfg: TrainConfig, tokens_per_step: int, resume_from: tuple | None, 
         results = []
         first = 0
         if resume_from is not None:
-            first = checkpoint.restore(*resume_from, actor, actor.rank)
+            first = checkpoint.restore(*resume_from, actor, world.rank)
             actor.log.info("resumed", checkpoint=str(resume_from[0]), next_step=first)
-            if actor.rank == 0:
+            if world.rank == 0:
                 print(f"resumed from {resume_from[0]}: continuing at step {first + 1}", flush=True)
         for step in range(first, cfg.steps):
             r = actor.train_step(step)
@@ -186,7 +186,7 @@ def _program(cfg: TrainConfig, tokens_per_step: int, resume_from: tuple | None, 
                 telemetry.send(rank=world.rank, size=world.size, step=step, steps=cfg.steps, seconds=r.seconds,
                                compute_s=r.compute_seconds, **extra)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                where = checkpoint.save(cfg.checkpoint_dir, actor, cfg, step + 1, actor.comm)
+                where = checkpoint.save(cfg.checkpoint_dir, actor, cfg, step + 1, world)
                 actor.log.info("checkpoint", path=str(where), next_step=step + 1)
         return results
     return run

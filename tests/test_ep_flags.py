@@ -17,7 +17,7 @@ BAD = [  # (flags, MPI ranks, phrases the message must hold)
     (["--ep", "4", "--nodes", "4", "--micro-batch", "4"], 8, ["--nodes 4", "model.num_groups=2"]),
     (["--ep", "2", "--micro-batch", "3"], 4, ["pipeline.micro_batch=3", "divisible by ep=2"]),
     (["--ep", "2", "--precision", "bf16"], 4, ["float32 rows only", "--precision fp32"]),
-    (["--ep", "2", "--checkpoint-every", "2"], 4, ["checkpoints", "drop --checkpoint-every"]),
+    (["--ep", "2", "--resume"], 4, ["no complete checkpoint", "drop --resume"]),
     (["--ep", "0"], 0, ["pipeline.ep=0", "positive integer"]),
 ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import pytest
 
@@ -118,6 +119,20 @@ def test_resume_is_bit_exact_and_survives_a_kill_during_the_checkpoint_write(tmp
     assert sorted(straight) == list(range(20)) and sorted(resumed) == list(range(10, 20))
     assert all(killed[s] == straight[s] for s in range(15))
     assert all(resumed[s] == straight[s] for s in range(10, 20)), (resumed, straight)
+
+
+def test_resume_is_bit_exact_under_expert_parallelism(tmp_path):
+    """pp=2 x ep=2 over 2 emulated nodes: 8 steps checkpointing every 4 (the uninterrupted run);
+    its last checkpoint removed, --resume continues from step 4 (every rank loads its own expert
+    slots) and logs the same losses and norms as steps 4..7 of the uninterrupted run."""
+    common = ["--pp", "2", "--ep", "2", "--nodes", "2", "--schedule", "1f1b", "--microbatches", "2", "--model", "tiny",
+              "--steps", "8", "--no-trace", "--log-dir", str(tmp_path / "logs"), "--checkpoint-dir", str(tmp_path / "ck")]
+    mpirun(4, "launch.train", *common, "--run-id", "straight", "--checkpoint-every", "4", timeout=200)
+    assert len(list((tmp_path / "ck" / "step-00000004").glob("rank-*.pt"))) == 4
+    shutil.rmtree(tmp_path / "ck" / "step-00000008")
+    mpirun(4, "launch.train", *common, "--run-id", "resumed", "--resume", timeout=200)
+    straight, resumed = (_losses(tmp_path / "logs", r) for r in ("straight", "resumed"))
+    assert sorted(resumed) == [4, 5, 6, 7] and all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
 
 
 def test_missing_config_prints_one_line_per_job(tmp_path):

@@ -71,6 +71,7 @@ bench-telemetry: setup
 
 bench-moe: setup
 	OMP_NUM_THREADS=1 $(PY) -m launch.local -n 4 bench.moe
+	OMP_NUM_THREADS=1 $(PY) -m launch.local -n 4 bench.ep_step
 
 bench-placement: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.placement

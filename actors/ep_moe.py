@@ -80,10 +80,12 @@ class EPMoE(torch.nn.Module):
         ``moe.ep``, so the slots are the chunk's parameters ``layers.L.ffn.ep.w13`` / ``.w2``).
     phy2log / log2phy / logcnt: the layer's placement over the group (``topology.rebalance``'s
         ``[num_replicas]``, ``[experts, max_replicas]``, ``[experts]``).
+    exchange / backward_exchange: where the forward's and the backward's exchanges go (separate
+        streams, so that a forward and a backward may post theirs in any interleaving; default: one).
     """
 
     def __init__(self, moe: MoE, *, group: EPGroup, me: int, phy2log: torch.Tensor, log2phy: torch.Tensor,
-                 logcnt: torch.Tensor, exchange: Exchange, layer: int):
+                 logcnt: torch.Tensor, exchange: Exchange, layer: int, backward_exchange: Exchange | None = None):
         super().__init__()
         c = moe.c
         if c.precision != "fp32":
@@ -94,6 +96,7 @@ class EPMoE(torch.nn.Module):
             raise ValueError(f"placement has {num_replicas} slots: must be a multiple of ep={group.size}")
         self._moe = (moe,)  # not a submodule: this module is registered under the MoE (moe.ep)
         self.group, self.me, self.exchange, self.layer = group, me, exchange, layer
+        self.backward_exchange = backward_exchange or exchange
         self.spr = num_replicas // group.size
         self.register_buffer("phy2log", phy2log.clone(), persistent=False)
         self.register_buffer("log2phy", log2phy.clone(), persistent=False)
@@ -227,7 +230,7 @@ class EPMoE(torch.nn.Module):
                                                        "dispatch-bwd")
 
     def _spread(self, mb: MicroBatch, tensors: tuple, fields: tuple, phase: str, *, counted: bool):
-        g, me, ex = self.group, self.me, self.exchange
+        g, me, ex = self.group, self.me, self._exchange_for(phase)
         sends = {g.rail[me][k]: tuple(t[idx].contiguous() for t in tensors) for k, idx in enumerate(mb.to_node)}
         op = ex.start(sends, self.hop1_from, fields, recv_rows=None if counted else mb.fwd_rows,
                       layer=self.layer, mb=mb.mb, phase=f"{phase} hop1")
@@ -248,7 +251,7 @@ class EPMoE(torch.nn.Module):
         return tuple(torch.cat([op.received[f][i] for f in self.node]) for i in range(len(fields)))
 
     def _gather(self, mb: MicroBatch, tensors: tuple, fields: tuple, phase: str):
-        g, me, ex = self.group, self.me, self.exchange
+        g, me, ex = self.group, self.me, self._exchange_for(phase)
         parts = zip(*(t.split([mb.hold_rows[f] for f in self.node]) for t in tensors))  # per forwarder
         sends = {f: tuple(p.contiguous() for p in part) for f, part in zip(self.node, parts)}
         op = ex.start(sends, self.node, fields,
@@ -275,6 +278,9 @@ class EPMoE(torch.nn.Module):
             for o, part in zip(out, op.received[p]):
                 o.index_add_(0, idx, part)
         return tuple(out)
+
+    def _exchange_for(self, phase: str) -> Exchange:
+        return self.backward_exchange if phase.endswith("-bwd") else self.exchange
 
     def _count(self, op: ExchangeOp, phase: str, link: str) -> None:
         for per_field in op.sent_bytes.values():

@@ -58,7 +58,8 @@ class EPChunk:
     """
 
     def __init__(self, stage: Stage, *, group: EPGroup, me: int,
-                 placement: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], exchange: Exchange):
+                 placement: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], exchange: Exchange,
+                 backward_exchange: Exchange | None = None):
         self.stage = stage
         self.moe: dict[int, EPMoE] = {}
         for layer, block in stage.layers.items():
@@ -69,7 +70,7 @@ class EPChunk:
                 raise ValueError(f"placement: no entry for MoE layer {layer} of stage {stage.stage}")
             phy2log, log2phy, logcnt = placement[layer]
             ep = EPMoE(block.ffn, group=group, me=me, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt,
-                       exchange=exchange, layer=layer)
+                       exchange=exchange, layer=layer, backward_exchange=backward_exchange)
             del block.ffn.w13, block.ffn.w2  # the full expert weights: this rank keeps its slots only
             block.ffn.ep = ep  # the slots become the stage's parameters (layers.L.ffn.ep.w13 / .w2)
             self.moe[layer] = ep
@@ -144,9 +145,11 @@ class EPExecutor:
         me = comm.Get_rank()
         self.comm, self.ep = comm, comm.Get_size()
         self.loss_scale = 1.0 / self.ep
-        self.exchange = Exchange(comm, engine, name="ep-moe", comm_name=f"ep{self.ep}")
-        self.chunks = {c: EPChunk(stage, group=group, me=me, placement=placement, exchange=self.exchange)
-                       for c, stage in chunks.items()}
+        # forward and backward exchanges on separate streams: an FB pair may interleave them freely
+        self.exchange = Exchange(comm, engine, name="ep-moe-fwd", comm_name=f"ep{self.ep}")
+        self.backward_exchange = Exchange(comm, engine, name="ep-moe-bwd", comm_name=f"ep{self.ep}")
+        self.chunks = {c: EPChunk(stage, group=group, me=me, placement=placement, exchange=self.exchange,
+                                  backward_exchange=self.backward_exchange) for c, stage in chunks.items()}
         self._aux_grad = torch.tensor(self.loss_scale / microbatches)
         self._sync = {c: EPGradSync(comm, replicated=ch.replicated_parameters(), experts=list(ch.moe.values()))
                       for c, ch in self.chunks.items()}

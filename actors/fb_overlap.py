@@ -4,12 +4,12 @@ each one's exchanges travel while the other computes (DeepSeek-V3's pairing, rep
 A chunk's forward or backward is a *steps* generator: it computes until it has posted an exchange
 (:class:`~runtime.exchange.ExchangeOp`), yields it, and is resumed once the op is done; its return
 value is the result. :func:`drive` runs one alone (each op waited for at once).
-:func:`run_pair` alternates two strictly: forward to its first exchange, backward to its first,
-then wait for the forward's op and compute the forward's next segment while the backward's op
-travels, wait for the backward's op and compute its next segment while the forward's travels, and
-so on; when one ends the other runs alone. The order in which the two post their exchanges is
-therefore fixed by the program, not by arrival times, so every rank of an EP group (all running the
-same pair) posts its collective exchanges in the same order.
+:func:`run_pair` interleaves two: the forward computes to its first exchange, the backward to its
+first, then whichever one's exchange completes first computes its next segment while the other's
+travels, and so on; when one ends the other runs alone. Which one resumes first depends on arrival
+times, so the two must post on *separate* exchange streams (:class:`~runtime.exchange.Exchange`
+objects; the EP executor gives forwards and backwards one each): each stream's posting order is
+then still the program's, the same on every rank of an EP group.
 
 :class:`WaitClock` adds up the time spent blocked on exchanges (the *exposed* communication).
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator
 
-from runtime.exchange import ExchangeOp
+from runtime.exchange import ExchangeOp, wait_any
 
 __all__ = ["Steps", "WaitClock", "drive", "run_pair"]
 
@@ -36,7 +36,10 @@ class WaitClock:
     def wait(self, op: ExchangeOp, label: str) -> None:
         t0 = time.perf_counter_ns()
         op.wait()
-        self.ns[label] = self.ns.get(label, 0) + time.perf_counter_ns() - t0
+        self.add(label, time.perf_counter_ns() - t0)
+
+    def add(self, label: str, ns: int) -> None:
+        self.ns[label] = self.ns.get(label, 0) + ns
         self.ops[label] = self.ops.get(label, 0) + 1
 
     def take(self) -> dict[str, float]:
@@ -73,9 +76,14 @@ def run_pair(first: Steps, second: Steps, *, after_first: Callable[[], None] | N
 
     resume(0)
     resume(1)
-    while live[0] or live[1]:
-        for i in (0, 1):
-            if live[i]:
-                clock.wait(ops[i], label) if clock is not None else ops[i].wait()
-                resume(i)
+    while live[0] and live[1]:
+        t0 = time.perf_counter_ns()
+        i = wait_any(ops)
+        if clock is not None:
+            clock.add(label, time.perf_counter_ns() - t0)
+        resume(i)
+    for i in (0, 1):
+        while live[i]:
+            clock.wait(ops[i], label) if clock is not None else ops[i].wait()
+            resume(i)
     return out[0], out[1]

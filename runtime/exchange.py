@@ -37,7 +37,7 @@ from mpi4py import MPI
 
 from runtime.progress import Progress
 
-__all__ = ["Field", "Exchange", "ExchangeOp"]
+__all__ = ["Field", "Exchange", "ExchangeOp", "wait_any"]
 
 _MAX_INFLIGHT = 4096
 """Exchange ``seq`` modulo this picks the tag pair, so up to this many exchanges of one
@@ -208,3 +208,13 @@ class Exchange:
     def close(self) -> None:
         """Free the duplicated communicator (collective; no exchange may be open)."""
         self.comm.Free()
+
+
+def wait_any(ops: Sequence[ExchangeOp], timeout: float | None = None) -> int:
+    """Block (inside MPI) until one of ``ops`` (all on one engine) is done; returns the index of the
+    first one done."""
+    engine = ops[0]._ex.engine
+    engine.wait(lambda: any(op.done for op in ops),
+                lambda: "exchanges " + "; ".join(f"{op._label()} waits for ranks {op._peers_open()}" for op in ops),
+                timeout)
+    return next(i for i, op in enumerate(ops) if op.done)

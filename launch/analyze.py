@@ -17,12 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.analysis import LogError, newest_run, read_run, report, select_steps, split_steps
+from runtime.analysis import LogError, newest_run, read_run, replica, report, select_steps, split_steps
 from runtime.analysis.load import rank_files
 from runtime.analysis.messages import plan
 from runtime.analysis.timeline import draw_timeline
 from runtime.analysis.trace import chrome_trace, write_trace
-from runtime.schedules import build
 
 __all__ = ["main", "parse_steps"]
 
@@ -59,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--png", nargs="?", const="", metavar="PATH",
       help=f"write a timeline PNG of the last {TIMELINE_STEPS} analysed steps (default PATH: <run>/timeline.png)")
     a("--top", type=int, default=8, help="how many waits to list (default 8)")
+    a("--ep-index", type=int, default=0, help="with expert parallelism (ep > 1): which EP index's pipeline "
+                                              "replica to analyse (default 0; the trace shows every rank)")
     return p
 
 
@@ -71,6 +72,10 @@ def print_report(r: dict, top: int) -> None:
     steps = r["steps"]
     print(f"run {r['run']}: {r['schedule']}, pp {r['pp']} ({r['stages']} stages), {r['microbatches']} microbatches; "
           f"steps {steps[0]}..{steps[-1]} analysed ({len(steps)} of {r['steps_logged']} complete)")
+    if r["ep"] > 1:
+        world = ", ".join(str(x["world_rank"]) for x in r["ranks"].values())
+        print(f"expert parallel: ep {r['ep']} ranks per stage; the pipeline replica of EP index {r['ep_index']} "
+              f"(world ranks {world}; --ep-index picks another); its EP exchanges count as compute")
     loss = r["loss"]
     print(f"step {r['step_ms']:.1f} ms (medians: pipeline {r['makespan_ms']:.1f}, step-end work {r['tail_ms']:.1f})"
           + (f" | {r['tokens_per_s']:.0f} tokens/s" if r["tokens_per_s"] else "")
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.steps is None:
             every = split_steps(log.spans)
             first = every[0].step + 1 if len(every) > 1 else None
-        r = report(log, first=first, stop=stop)
+        r = report(log, first=first, stop=stop, ep_index=ns.ep_index)
+        rep = replica(log, ns.ep_index)
     except LogError as exc:
         print(f"launch.analyze: {exc}", file=sys.stderr)
         return 2
@@ -149,14 +155,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch.analyze: {line}", file=sys.stderr)
     if len(log.problems) > 10:
         print(f"launch.analyze: ... {len(log.problems) - 10} more problems (all in --json 'problems')", file=sys.stderr)
-    schedule = build(r["schedule"], r["pp"], r["microbatches"])
+    schedule = rep.schedule
     halves = plan(schedule).pair_halves
-    steps = select_steps(split_steps(log.spans), first, stop)
+    steps = select_steps(split_steps(rep.records), first, stop)
     written = []
     if ns.trace is not None:
         window = (min(s.start for s in steps), max(s.end for s in steps) + 1) if ns.steps else None
-        trace = chrome_trace(log.spans, hosts=log.hosts, fb_halves=halves, window=window,
-                             metadata={"run": str(run), "schedule": schedule.name})
+        # the trace shows every world rank; FB halves and peers are named by pipeline rank
+        ep = rep.ep
+        world_halves = frozenset((w, *h[1:]) for h in halves for w in range(h[0] * ep, (h[0] + 1) * ep))
+        trace = chrome_trace(log.spans, hosts=log.hosts, fb_halves=world_halves, window=window,
+                             peer_rank=lambda rank, peer: peer * ep + rank % ep,
+                             metadata={"run": str(run), "schedule": schedule.name, "ep": ep})
         written.append(write_trace(ns.trace or run / "trace.json", trace))
     if ns.png is not None:
         shown = steps[-TIMELINE_STEPS:]

@@ -21,7 +21,7 @@ from runtime import log
 from runtime.analysis import LogError, read_run, report, split_steps, summarize
 from runtime.analysis.messages import Message, fb_overlap, hop_latency, match_messages, plan
 from runtime.analysis.predict import compute_means, costs_from_means, predicted_waits, stage_scale_from, unexpected_waits
-from runtime.analysis.steps import overlap_ns, step_figures
+from runtime.analysis.steps import overlap_ns, step_figures, union_ns
 from runtime.analysis.timeline import draw_timeline
 from runtime.analysis.trace import chrome_trace
 from runtime.clock import ClockOffset, best_offset
@@ -505,3 +505,33 @@ def test_real_run_trace_and_timeline(tmp_path, capsys):
     assert _no_overlap_per_track(ev)
     png = (run / "timeline.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 5000
+
+
+def test_overlapping_pair_halves_count_once():
+    """An FB pair whose halves run interleaved logs two overlapping spans: busy time and the pair's
+    cost are the time they cover (20 ms), not the sum of their lengths (25 ms)."""
+    pair_f, pair_b = comp("F", 0, 10, dir=1, mb=1, chunk=1), comp("B", 5, 20, dir=0, mb=0, chunk=0)
+    steps = split_steps({0: [pair_f, pair_b, span("step", 0, 30, step=0)],
+                         1: [comp("F", 0, 10, dir=1, mb=0, chunk=1, stage=1), span("step", 0, 30, step=0)]})
+    assert step_figures(steps[0]).busy_ms == pytest.approx({0: 20, 1: 10})
+    assert compute_means(steps, plan(dualpipe(2, 4)))["FB"]["mean_ms"] == pytest.approx(20)
+    assert union_ns([(0, 10), (5, 20), (30, 40), (32, 35)]) == 30
+
+
+def test_expert_parallel_run_is_analysed_one_pipeline_replica_at_a_time(tmp_path):
+    """ep = 2: world ranks 2p and 2p+1 are pipeline rank p's EP ranks, and pipeline messages name
+    peers by pipeline rank. Replica 0 (world 0 and 2) gives the figures of the plain 2-rank run."""
+    want = report(read_run(write_run(tmp_path / "plain", two_steps())))
+    st = two_steps()
+    ranks = {0: st[0], 2: st[1], 1: [dict(x) for x in st[0]], 3: [dict(x) for x in st[1]]}
+    log = read_run(write_run(tmp_path / "ep", ranks, config={**CONFIG_1F1B, "ep": 2}))
+    got = report(log)
+    assert (got["ep"], got["ep_index"]) == (2, 0)
+    assert [x["world_rank"] for x in got["ranks"].values()] == [0, 2]
+    for key in ("step_ms", "bubble", "waits", "overall", "traffic"):
+        assert got[key] == want[key], key
+    assert [x["world_rank"] for x in report(log, ep_index=1)["ranks"].values()] == [1, 3]
+    with pytest.raises(LogError, match=r"EP index 2 does not exist: the run has ep=2 \(pick 0..1\)"):
+        report(log, ep_index=2)
+    trace = chrome_trace(log.spans, peer_rank=lambda rank, peer: peer * 2 + rank % 2)
+    assert sum(e["ph"] == "s" for e in trace["traceEvents"]) == 8  # act and grad, 2 steps, 2 replicas

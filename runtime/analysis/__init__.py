@@ -11,7 +11,7 @@ Perfetto trace) and :mod:`~runtime.analysis.timeline` (PNG; needs matplotlib). T
 
 from runtime.analysis.load import LogError, RunLog, newest_run, read_run
 from runtime.analysis.steps import StepLog, select_steps, split_steps
-from runtime.analysis.summary import report, summarize
+from runtime.analysis.summary import Replica, replica, report, summarize
 
-__all__ = ["LogError", "RunLog", "StepLog", "newest_run", "read_run", "report", "select_steps", "split_steps",
-           "summarize"]
+__all__ = ["LogError", "Replica", "RunLog", "StepLog", "newest_run", "read_run", "replica", "report", "select_steps",
+           "split_steps", "summarize"]

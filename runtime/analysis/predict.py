@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from runtime.analysis.messages import Message, Plan
-from runtime.analysis.steps import NS_PER_MS, StepLog
+from runtime.analysis.steps import NS_PER_MS, StepLog, union_ns
 from runtime.schedules import FB, Compute, Costs, SimResult
 
 __all__ = ["compute_means", "stage_means", "stage_scale_from", "costs_from_means", "compute_key",
@@ -25,7 +25,8 @@ __all__ = ["compute_means", "stage_means", "stage_scale_from", "costs_from_means
 
 def compute_means(steps: Iterable[StepLog], p: Plan) -> dict[str, dict]:
     """Mean duration (ms) and count of: ``F``; ``B`` full backward (inside pairs too); ``Bsplit``
-    (input-gradient part of a split B); ``W``; ``FB`` (F + B of one pair). Absent kinds are left out."""
+    (input-gradient part of a split B); ``W``; ``FB`` (one pair: the time its two halves cover, F + B
+    when they run back to back). Absent kinds are left out."""
     split = {(r, a.dir, a.mb, a.chunk): a.split for r, acts in enumerate(p.schedule.ranks) for a in acts
              if isinstance(a, Compute) and a.op == "B"}
     durs: dict[str, list[float]] = defaultdict(list)
@@ -34,14 +35,14 @@ def compute_means(steps: Iterable[StepLog], p: Plan) -> dict[str, dict]:
             by_key = {}
             for c in rs.compute:
                 d = (c["t1"] - c["t0"]) / NS_PER_MS
-                by_key[(c["op"], c["dir"], c["mb"], c["chunk"])] = d
+                by_key[(c["op"], c["dir"], c["mb"], c["chunk"])] = (c["t0"], c["t1"])
                 if c["op"] == "B":
                     durs["Bsplit" if split.get((r, c["dir"], c["mb"], c["chunk"])) else "B"].append(d)
                 else:
                     durs[c["op"]].append(d)
             for rank, fk, bk in p.pairs:
                 if rank == r and fk in by_key and bk in by_key:
-                    durs["FB"].append(by_key[fk] + by_key[bk])
+                    durs["FB"].append(union_ns([by_key[fk], by_key[bk]]) / NS_PER_MS)
     return {k: {"mean_ms": sum(v) / len(v), "n": len(v)} for k, v in durs.items() if v}
 
 

@@ -19,7 +19,7 @@ Per step: ``start`` = earliest step-span start over the ranks (the simulator sta
 0); ``pipeline end`` = latest compute end over the ranks; ``makespan`` = end − start (the
 simulator's makespan); ``wall`` = latest step-span end − start (the step time); ``tail`` = wall −
 makespan (step-end work: mirrored-gradient sum, norm, optimizer, loss gather). Per rank:
-``busy`` = sum of its compute spans; ``idle`` = makespan − busy (its bubble, as in
+``busy`` = time covered by its compute spans (overlapping spans count once); ``idle`` = makespan − busy (its bubble, as in
 ``SimResult.idle``), split three ways:
 
 * ``wait`` = sum of its wait spans: idle spent blocked on an input (waiting for input);
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from runtime import spans
 
 __all__ = ["NS_PER_MS", "RankStep", "StepLog", "StepFigures", "split_steps", "select_steps", "overlap_ns",
-           "step_figures"]
+           "union_ns", "step_figures"]
 
 NS_PER_MS = 1e6
 
@@ -51,6 +51,20 @@ NS_PER_MS = 1e6
 def overlap_ns(a0: int, a1: int, b0: int, b1: int) -> int:
     """Length of the intersection of [a0, a1] and [b0, b1] (0 if they do not meet)."""
     return max(0, min(a1, b1) - max(a0, b0))
+
+
+def union_ns(intervals: list[tuple[int, int]]) -> int:
+    """Total length covered by the intervals: overlapping ones count once (an FB pair that runs its
+    halves interleaved logs two overlapping compute spans; the rank was busy once)."""
+    total, end = 0, None
+    for t0, t1 in sorted(intervals):
+        if end is None or t0 > end:
+            total += t1 - t0
+            end = t1
+        elif t1 > end:
+            total += t1 - end
+            end = t1
+    return total
 
 
 @dataclass(slots=True)
@@ -139,7 +153,7 @@ def step_figures(step: StepLog) -> StepFigures:
     busy, wait, idle, drain, over, over_f0 = {}, {}, {}, {}, {}, {}
     for r, rs in step.ranks.items():
         comps = sorted(rs.compute, key=lambda c: c["t0"])
-        busy[r] = sum(c["t1"] - c["t0"] for c in comps) / NS_PER_MS
+        busy[r] = union_ns([(c["t0"], c["t1"]) for c in comps]) / NS_PER_MS
         wait[r] = sum(overlap_ns(w["t0"], w["t1"], start, end) for w in rs.wait) / NS_PER_MS
         idle[r] = makespan - busy[r]
         drain[r] = (end - comps[-1]["t1"]) / NS_PER_MS if comps else makespan

@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from runtime.analysis.attribution import attribute_waits, pipeline_enders, waited_on
 from runtime.analysis.load import LogError, RunLog
@@ -27,7 +28,7 @@ from runtime.analysis.predict import (compute_means, costs_from_means, predicted
 from runtime.analysis.steps import NS_PER_MS, StepLog, select_steps, split_steps, step_figures
 from runtime.schedules import Schedule, SimResult, build, simulate
 
-__all__ = ["summarize", "report"]
+__all__ = ["summarize", "report", "Replica", "replica"]
 
 
 def _median(xs: list[float]) -> float:
@@ -110,20 +111,55 @@ def _summarize(runs: list[tuple[Schedule, list[StepLog]]],
     }, msgs, sim
 
 
-def report(log: RunLog, *, first: int | None = None, stop: int | None = None,
-           link_class: Callable[[int, int], str] | None = None) -> dict:
-    """Every figure of one run over its steps ``first:stop`` (module docstring); JSON-ready.
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """One pipeline replica of a run: its ranks' records keyed by pipeline rank."""
 
-    ``link_class(src, dst)`` names the link between two ranks (default: intra-/inter-node from the
-    logged hosts). Raises :class:`LogError` if no complete step falls in the range.
-    """
+    schedule: Schedule
+    ep: int
+    """Expert-parallel ranks per pipeline stage (1: the world ranks are the pipeline ranks)."""
+    ep_index: int
+    world: dict[int, int]
+    """Pipeline rank -> world rank."""
+    records: dict[int, list[dict]]
+    hosts: dict[int, str]
+
+
+def replica(log: RunLog, ep_index: int = 0) -> Replica:
+    """The pipeline ranks of EP index ``ep_index``: with ``ep`` expert-parallel ranks per stage,
+    launch.train puts pipeline rank ``p``'s EP rank ``e`` on world rank ``p * ep + e``, and the
+    pipeline's messages name peers by pipeline rank. Each EP index is a full pipeline replica; the
+    analysis looks at one at a time (its EP exchanges run inside F and B: they count as compute)."""
     cfg = log.config
     try:
         schedule = build(cfg["schedule"], cfg["pp"], cfg["microbatches"])
     except (KeyError, ValueError) as exc:
         raise LogError(f"{log.run_dir}: rank 0's config record does not name a schedule this version builds: "
                        f"{exc}") from None
-    every = split_steps(log.spans)
+    ep = int(cfg.get("ep") or 1)
+    if not 0 <= ep_index < ep:
+        raise LogError(f"{log.run_dir}: EP index {ep_index} does not exist: the run has ep={ep} (pick 0..{ep - 1})")
+    world = {p: p * ep + ep_index for p in range(schedule.pp)}
+    missing = sorted(w for w in world.values() if w not in log.spans)
+    if missing:
+        raise LogError(f"{log.run_dir}: no logs of world ranks {missing} (pp={schedule.pp}, ep={ep})")
+    return Replica(schedule=schedule, ep=ep, ep_index=ep_index, world=world,
+                   records={p: log.spans[w] for p, w in world.items()},
+                   hosts={p: log.hosts.get(w) for p, w in world.items()})
+
+
+def report(log: RunLog, *, first: int | None = None, stop: int | None = None, ep_index: int = 0,
+           link_class: Callable[[int, int], str] | None = None) -> dict:
+    """Every figure of one run over its steps ``first:stop`` (module docstring); JSON-ready.
+
+    Ranks are pipeline ranks of the replica :func:`replica` picks (the world ranks when ep = 1).
+    ``link_class(src, dst)`` names the link between two of them (default: intra-/inter-node from
+    the logged hosts). Raises :class:`LogError` if no complete step falls in the range.
+    """
+    rep = replica(log, ep_index)
+    schedule = rep.schedule
+    cfg = log.config
+    every = split_steps(rep.records)
     steps = select_steps(every, first, stop)
     if not steps:
         have = f"{every[0].step}..{every[-1].step}" if every else "none"
@@ -131,7 +167,7 @@ def report(log: RunLog, *, first: int | None = None, stop: int | None = None,
                        f"{'' if first is None else first}:{'' if stop is None else stop} (complete steps: {have})")
     s, msgs, sim = _summarize([(schedule, steps)], None)
     n = len(steps)
-    ranks = sorted(log.spans)
+    ranks = sorted(rep.records)
     comm, exposed = defaultdict(int), defaultdict(int)
     for m in msgs:
         comm[m.dst] += m.comm_ns
@@ -141,9 +177,10 @@ def report(log: RunLog, *, first: int | None = None, stop: int | None = None,
         mem = [st.ranks[r].step_span.get("peak_mem_bytes") for st in steps]
         mem = [v for v in mem if v is not None]
         per_rank[r] = {
-            "host": log.hosts.get(r),
-            "clock_offset_ms": log.clocks.get(r, {}).get("offset_ns", 0) / NS_PER_MS,
-            "clock_rtt_us": log.clocks.get(r, {}).get("rtt_ns", 0) / 1e3,
+            "world_rank": rep.world[r],
+            "host": rep.hosts.get(r),
+            "clock_offset_ms": log.clocks.get(rep.world[r], {}).get("offset_ns", 0) / NS_PER_MS,
+            "clock_rtt_us": log.clocks.get(rep.world[r], {}).get("rtt_ns", 0) / 1e3,
             "step_ms": _median([(st.ranks[r].step_span["t1"] - st.ranks[r].step_span["t0"]) / NS_PER_MS
                                 for st in steps]),
             "compute_ms": s["busy_ms"][r],
@@ -172,6 +209,7 @@ def report(log: RunLog, *, first: int | None = None, stop: int | None = None,
         "run": str(log.run_dir),
         "schedule": schedule.name, "pp": schedule.pp, "stages": schedule.num_stages,
         "microbatches": schedule.microbatches,
+        "ep": rep.ep, "ep_index": rep.ep_index,
         "steps": [st.step for st in steps],
         "steps_logged": len(every),
         "problems": log.problems,
@@ -206,6 +244,6 @@ def report(log: RunLog, *, first: int | None = None, stop: int | None = None,
                    "after_ms": c.after_ms, "predicted_ms": c.predicted_ms} for c in causes],
         "waited_on": waited_on(causes),
         "pipeline_end": pipeline_enders(steps),
-        "traffic": traffic(log.spans, link_class or host_link_class(log.hosts), window),
+        "traffic": traffic(rep.records, link_class or host_link_class(rep.hosts), window),
         "messages_unmatched": s["messages_unmatched"],
     }

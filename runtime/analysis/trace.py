@@ -13,6 +13,7 @@ by a flow arrow (matched by source, destination, channel and stream sequence num
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from runtime import spans
@@ -60,9 +61,11 @@ def _lanes(recs: list[dict]) -> list[int]:
 
 def chrome_trace(records: dict[int, list[dict]], *, hosts: dict[int, str] | None = None,
                  fb_halves: frozenset = frozenset(), window: tuple[int, int] | None = None,
-                 metadata: dict | None = None) -> dict:
+                 peer_rank: Callable[[int, int], int] | None = None, metadata: dict | None = None) -> dict:
     """The trace of ``records`` (span records per rank, aligned ns); only spans starting inside
-    ``window`` if given. ``fb_halves``: (rank, op, dir, mb, chunk) of FB-pair halves."""
+    ``window`` if given. ``fb_halves``: (rank, op, dir, mb, chunk) of FB-pair halves.
+    ``peer_rank(rank, peer)``: the key of ``records`` that a span's ``peer`` names (default: the
+    same number; with expert parallelism the pipeline names peers by pipeline rank)."""
     sel = {r: [s for s in recs if window is None or window[0] <= s["t0"] < window[1]] for r, recs in records.items()}
     base = min((s["t0"] for recs in sel.values() for s in recs), default=0)
     us = lambda t: (t - base) / 1e3  # noqa: E731
@@ -89,7 +92,8 @@ def chrome_trace(records: dict[int, list[dict]], *, hosts: dict[int, str] | None
                                "ts": us(s["t0"]), "dur": (s["t1"] - s["t0"]) / 1e3, "pid": rank, "tid": tid0 + k,
                                "args": args})
                 if s["span"] in (spans.SEND, spans.RECV):
-                    src, dst = (rank, s["peer"]) if s["span"] == spans.SEND else (s["peer"], rank)
+                    peer = s["peer"] if peer_rank is None else peer_rank(rank, s["peer"])
+                    src, dst = (rank, peer) if s["span"] == spans.SEND else (peer, rank)
                     where[(s["span"], src, dst, s["channel"], s["seq"])] = (rank, tid0 + k,
                                                                             us((s["t0"] + s["t1"]) // 2))
     flow = 0

@@ -395,6 +395,8 @@ def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shap
     per_node = shape.num_devices // num_nodes
     at_home = np.ones(shape.num_experts, dtype=np.int64)
     if reach is not None:
+        cnt = _fill_unreached(w, cnt, home, reach, shape)
+        node_cap = _node_caps(cnt, home, num_nodes, per_node, reach)
         room = shape.num_replicas // num_nodes - np.bincount(home, minlength=num_nodes)
         for e in np.flatnonzero(cnt > 1):
             r = np.sort(np.where(node_cap[e] > 0, reach[e], 0.0))[::-1][1:]  # best off-home nodes first
@@ -405,6 +407,17 @@ def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shap
             extra = min(cnt[e] - 1 - k, per_node - 1, room[home[e]])
             at_home[e] += extra
             room[home[e]] -= extra
+        # slots that no other expert's replica may take go to the node's own experts up front
+        # (LPT alone would fill the popular nodes first and strand these replicas)
+        others = ((cnt - at_home)[:, None] * ((node_cap > 0) & (home[:, None] != np.arange(num_nodes)))).sum(0)
+        for n in np.flatnonzero(room > others):
+            mine = np.flatnonzero(home == n)
+            for _ in range(room[n] - others[n]):
+                ok = mine[(at_home[mine] < cnt[mine]) & (at_home[mine] < per_node)]
+                if not ok.size:
+                    break
+                at_home[ok[np.argmax(w[ok] / cnt[ok])]] += 1
+                room[n] -= 1
     homes = [np.repeat(np.flatnonzero(home == n), at_home[home == n]) for n in range(num_nodes)]
     rl = w / cnt
     base = np.array([rl[h].sum() for h in homes])
@@ -418,6 +431,32 @@ def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shap
         where = _assign(rl, free, size, node_speed, base, held, _node_caps(cnt, home, num_nodes, per_node, None))
     assert where is not None, "the plain node limits always leave room"
     return np.stack([np.concatenate([homes[n], free[where == n]]) for n in range(num_nodes)])
+
+
+def _fill_unreached(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, reach: np.ndarray, shape: _Shape) -> np.ndarray:
+    """Counts adjusted so that every node's free slots can be filled: under reach limits a node
+    whose groups few tokens pick can take almost no other expert's replica, so its own experts get
+    extra (home) replicas instead -- the heaviest replicas first -- taken from the experts whose
+    replicas then stay lightest."""
+    num_nodes = shape.num_nodes
+    per_node = shape.num_devices // num_nodes
+    cnt = cnt.copy()
+    free_slots = shape.num_replicas // num_nodes - np.bincount(home, minlength=num_nodes)
+    own = home[:, None] == np.arange(num_nodes)[None, :]
+    for _ in range(shape.num_replicas):
+        allowed = (reach >= 1.0 / cnt[:, None]) & ~own
+        spare = (cnt - 1)[:, None]
+        supply = (np.minimum(spare, per_node - 1) * own).sum(0) + (spare * allowed).sum(0)
+        n = int(np.argmax(free_slots - supply))
+        if free_slots[n] <= supply[n]:
+            break
+        gain = np.flatnonzero((home == n) & (cnt < per_node))
+        lose = np.flatnonzero((home != n) & (cnt >= 2))
+        if not (gain.size and lose.size):
+            break
+        cnt[gain[np.argmax(w[gain] / (cnt[gain] + 1))]] += 1
+        cnt[lose[np.argmin(w[lose] / (cnt[lose] - 1))]] -= 1
+    return cnt
 
 
 def _lpt(rl: np.ndarray, experts: np.ndarray, per_device: int, speed: np.ndarray) -> np.ndarray:

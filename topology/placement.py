@@ -390,7 +390,7 @@ def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shap
     """Replicas onto nodes: [num_nodes, slots per node] expert ids. Every expert's first replica
     sits on its home node; the others are packed LPT-style onto the nodes within ``node_cap``.
     With ``reach``, an expert keeps at home the replicas its off-home ones could not relieve
-    (``_fits``: the tokens reaching none of its off-home nodes need its home replicas)."""
+    (``_Fits``: the tokens reaching none of its off-home nodes need its home replicas)."""
     num_nodes = shape.num_nodes
     per_node = shape.num_devices // num_nodes
     at_home = np.ones(shape.num_experts, dtype=np.int64)
@@ -427,7 +427,8 @@ def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shap
     held = np.zeros((shape.num_experts, num_nodes), dtype=np.int64)
     held[np.arange(shape.num_experts), home] = at_home
     where = _assign(rl, free, size, node_speed, base, held, node_cap)
-    if where is None:  # the reach limits leave no room: pack within the plain limits instead
+    if where is None:  # LPT found no way within the reach limits: pack within the plain limits instead,
+        # accepting that some off-home replicas then get less than their share (seen at sigma 1.5)
         where = _assign(rl, free, size, node_speed, base, held, _node_caps(cnt, home, num_nodes, per_node, None))
     assert where is not None, "the plain node limits always leave room"
     return np.stack([np.concatenate([homes[n], free[where == n]]) for n in range(num_nodes)])

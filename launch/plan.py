@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     lay.add_argument("--schedule", default=d.schedule, choices=("dualpipe", "dualpipev", "1f1b", "zb1p"),
                      help=f"pipeline schedule (default {d.schedule})")
     lay.add_argument("--max-nodes", type=int, default=d.max_nodes,
-                     help=f"node-limited routing: nodes a token may reach (default {d.max_nodes})")
+                     help=f"node-limited routing: nodes a token may reach (default {d.max_nodes}; 0: no limit)")
     lay.add_argument("--no-node-limit", action="store_true", help="routing reaches any node of the EP group")
     lay.add_argument("--global-batch", type=int, default=d.global_batch,
                      help=f"sequences per step (default {d.global_batch}, V3)")
@@ -109,7 +109,8 @@ def format_plan(plan: Plan, source: str) -> str:
     kinds = sorted(set(plan.pp_kinds))
     hours = plan.device_hours_per_trillion
     lines = [f"plan: {source}: {plan.num_devices} devices ({', '.join(kinds)}), {c.schedule} pp {c.pp} x dp "
-             f"{plan.dp}, EP {c.ep}, max nodes per token {c.max_nodes}, split {c.split}", ""]
+             f"{plan.dp}, EP {c.ep}, {'no node limit' if c.max_nodes == 0 else f'max nodes per token {c.max_nodes}'}, "
+             f"split {c.split}", ""]
     other = "flops" if c.split == "speed" else "speed"
     rows = [
         ("step time", f"{plan.step_seconds:.2f} s", f"pipeline {plan.pipeline_seconds:.2f} s + ZeRO-1 sync "
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster = _cluster(ns)
         config = PlanConfig(pp=ns.pp, ep=ns.ep, schedule=ns.schedule,
-                            max_nodes=10 ** 6 if ns.no_node_limit else ns.max_nodes, global_batch=ns.global_batch,
+                            max_nodes=0 if ns.no_node_limit else ns.max_nodes, global_batch=ns.global_batch,
                             seq=ns.seq, microbatch_seqs=ns.microbatch_seqs, split=ns.split,
                             train_tokens=ns.train_tokens, sample_tokens=ns.sample_tokens)
         plan = plan_step(cluster, config)

@@ -269,7 +269,7 @@ def ep_comm(cluster: Cluster, layout: Layout, m: ModelSpec, *, tokens: int, max_
     if m.num_experts % num_groups:
         raise ValueError(f"ep={layout.ep}: its group spans {num_groups} nodes, which must divide the "
                          f"{m.num_experts} experts (groups = nodes)")
-    topk_groups = min(max_nodes, num_groups)
+    topk_groups = num_groups if max_nodes == 0 else min(max_nodes, num_groups)
     phy2log, log2phy, logcnt = rebalance(torch.ones(1, m.num_experts), m.num_experts, num_groups, group.num_nodes,
                                          group.size)
     pred = predict_traffic(cluster, group, phy2log=phy2log[0], log2phy=log2phy[0], logcnt=logcnt[0],
@@ -301,7 +301,7 @@ class PlanConfig:
     schedule: str = "dualpipe"
     """dualpipe, dualpipev, 1f1b or zb1p."""
     max_nodes: int = 4
-    """Node-limited routing: nodes a token may reach (>= the EP group's nodes: no limit)."""
+    """Node-limited routing: nodes a token may reach; 0 (or >= the EP group's nodes): no limit."""
     global_batch: int = 15360
     """Sequences per optimizer step (V3 report: 15,360 after the batch-size warm-up)."""
     seq: int = 4096
@@ -318,8 +318,9 @@ class PlanConfig:
     def __post_init__(self) -> None:
         for name in ("pp", "ep", "max_nodes", "global_batch", "seq", "microbatch_seqs", "sample_tokens"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"plan.{name}={v!r}: must be a positive integer")
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "max_nodes" else 1):
+                raise ValueError(f"plan.{name}={v!r}: must be a positive integer" + (" (0: no node limit)"
+                                                                                  if name == "max_nodes" else ""))
         if self.split not in ("speed", "flops"):
             raise ValueError(f"plan.split={self.split!r}: choose 'speed' or 'flops'")
         if not self.train_tokens > 0:
@@ -492,7 +493,8 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
         f"batch: {c.global_batch} sequences x {c.seq} tokens per step (V3 report, after the batch warm-up); "
         f"microbatch {c.microbatch_seqs} sequence(s) = {tokens} tokens per device (not published; assumed); "
         f"dp = {dp} ranks per stage -> {microbatches} microbatches per pipeline",
-        f"EP: group of {c.ep} ranks over {layout.ep_group(0).num_nodes} node(s), balanced random routing "
+        f"EP: group of {c.ep} ranks over {layout.ep_group(0).num_nodes} node(s), "
+        f"{'no node limit' if c.max_nodes == 0 else f'at most {c.max_nodes} nodes per token'}, balanced random routing "
         f"(aux-loss-free balancing assumed perfect), routing sampled on {c.sample_tokens} tokens per device and "
         f"bytes scaled to {tokens}; dispatch FP8, combine BF16; backward = two BF16 combine-sized exchanges; "
         f"IB and NVLink hops of one exchange pipelined (slower sets the time)",

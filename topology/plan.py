@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.schedules import Costs, Schedule, build, simulate
+from runtime.schedules import Costs, Schedule, SimResult, build, simulate
 from topology.cluster import Cluster
 from topology.kinds import KINDS, REFERENCE_EFFICIENCY, REFERENCE_EFFICIENCY_SOURCE
 from topology.layout import Layout
@@ -365,8 +365,8 @@ class Plan:
     assumptions: list[str] = field(default_factory=list)
 
 
-def _costs_for(items: list[Item], counts: list[int], stage_speed_of_rank: list[float], schedule: Schedule,
-               comm: EPComm, tokens: int, ref_flops: float, p2p: float) -> tuple[Costs, list[dict]]:
+def _costs_for(items: list[Item], counts: list[int], rank_speed: list[float], comm: EPComm, tokens: int,
+               ref_flops: float, p2p: float) -> tuple[Costs, list[dict]]:
     """One Costs for the simulator: base = stage mean; stage_scale by (F+B); rank_scale 1/speed."""
     stages, start = [], 0
     for c in counts:
@@ -382,17 +382,12 @@ def _costs_for(items: list[Item], counts: list[int], stage_speed_of_rank: list[f
     base = f + b
     scale = tuple(max((s["fc"] + s["cf"] + s["bc"] + s["cb"]) / base, 1e-9) for s in stages)
     costs = Costs(f=f, b=b, w=mean["wc"], fb=fb, comm=p2p, stage_scale=scale,
-                  rank_scale=tuple(1.0 / v for v in stage_speed_of_rank))
+                  rank_scale=tuple(1.0 / v for v in rank_speed))
     return costs, stages
 
 
-def _simulate(items, counts, rank_speed, schedule, comm, tokens, ref_flops, p2p):
-    costs, stages = _costs_for(items, counts, rank_speed, schedule, comm, tokens, ref_flops, p2p)
-    sim = simulate(schedule, costs)
-    return costs, stages, sim
-
-
-def _hidden_fraction(schedule: Schedule, sim, stages: list[dict], rank_speed: list[float]) -> float:
+def _hidden_fraction(schedule: Schedule, sim: SimResult, stages: list[dict], rank_speed: list[float]) -> float:
+    """Share of EP communication time that runs under an overlapped pair's compute (per span)."""
     hidden = total = 0.0
     for r, spans in enumerate(sim.spans):
         for sp in spans:
@@ -438,13 +433,19 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
     counts, alt = (counts_speed, counts_flops) if c.split == "speed" else (counts_flops, counts_speed)
     comm = ep_comm(cluster, layout, model, tokens=tokens, max_nodes=c.max_nodes, sample_tokens=c.sample_tokens)
     p2p = tokens * model.hidden * _BF16 / (cluster.inter.bandwidth_gbs * 1e9) + cluster.inter.latency_us * 1e-6
-    costs, stages, sim = _simulate(items, counts, rank_speed, schedule, comm, tokens, ref_flops, p2p)
-    _, _, alt_sim = _simulate(items, alt, rank_speed, schedule, comm, tokens, ref_flops, p2p)
+    costs, stages = _costs_for(items, counts, rank_speed, comm, tokens, ref_flops, p2p)
+    sim = simulate(schedule, costs)
+    alt_sim = simulate(schedule, _costs_for(items, alt, rank_speed, comm, tokens, ref_flops, p2p)[0])
 
     # per pipeline rank: the stages it holds, its parameters and memory
     num_ep_groups = layout.num_ep_groups
     memory, parts_of = {}, {}
     dp_sync = 0.0
+    bw = cluster.inter.bandwidth_gbs * 1e9
+
+    def ring(n: int, nbytes: float) -> float:
+        return 0.0 if n < 2 else nbytes * (n - 1) / n / bw
+
     for r in range(c.pp):
         held = sorted({schedule.stage_of(r, ch) for ch in schedule.chunks(r)})
         rep = sum(i.replicated_params for s in held for i in stages[s]["items"])
@@ -460,8 +461,6 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
         memory[f"r{r} ({pp_kinds[r]})"] = sum(parts.values()) / 1e9
         parts_of[r] = {k: v / 1e9 for k, v in parts.items()}
         # ZeRO-1: reduce-scatter FP32 grads + all-gather BF16 weights, ring over the inter-node link
-        bw = cluster.inter.bandwidth_gbs * 1e9
-        ring = lambda n, nbytes: 0.0 if n < 2 else nbytes * (n - 1) / n / bw
         dp_sync = max(dp_sync, ring(dp, rep * (_FP32 + _BF16)) + ring(num_ep_groups, exp * (_FP32 + _BF16)))
     worst = max(range(c.pp), key=lambda r: memory[f"r{r} ({pp_kinds[r]})"])
 

@@ -24,9 +24,17 @@ def _mixed(pp: int, kinds_of_rank: list[str], nodes_per_rank: int = 16) -> Clust
                                for r in range(pp) for i in range(nodes_per_rank)))
 
 
+MIRRORED = ["h800" if min(r, 15 - r) % 2 == 0 else "ascend910c" for r in range(16)]
+
+
 @pytest.fixture(scope="module")
 def v3_plan():
     return plan_step(V3_CLUSTER, PlanConfig(**FAST))
+
+
+@pytest.fixture(scope="module")
+def mixed_plan():
+    return plan_step(_mixed(16, MIRRORED), PlanConfig(split="speed", **FAST))
 
 
 def test_model_counts_match_the_report():
@@ -90,11 +98,10 @@ def test_mirror_ranks_must_be_one_kind():
         plan_step(halves, PlanConfig(**FAST))
 
 
-def test_speed_aware_split_lowers_the_bubble_of_a_mixed_cluster():
-    kinds = ["h800" if min(r, 15 - r) % 2 == 0 else "ascend910c" for r in range(16)]
-    mixed = _mixed(16, kinds)
-    speed = plan_step(mixed, PlanConfig(split="speed", **FAST))
-    flops = plan_step(mixed, PlanConfig(split="flops", **FAST))
+def test_speed_aware_split_lowers_the_bubble_of_a_mixed_cluster(mixed_plan):
+    kinds = MIRRORED
+    speed = mixed_plan
+    flops = plan_step(_mixed(16, kinds), PlanConfig(split="flops", **FAST))
     assert speed.bubble_fraction < flops.bubble_fraction
     assert speed.step_seconds < flops.step_seconds
     assert speed.alt_bubble_fraction == pytest.approx(flops.bubble_fraction)
@@ -104,10 +111,9 @@ def test_speed_aware_split_lowers_the_bubble_of_a_mixed_cluster():
         per_rank[r] for r in range(1, 15) if kinds[r] != "h800")
 
 
-def test_what_if_directions(v3_plan):
+def test_what_if_directions(v3_plan, mixed_plan):
     # a slower device mix: more device-hours and a longer step
-    kinds = ["h800" if min(r, 15 - r) % 2 == 0 else "ascend910c" for r in range(16)]
-    mixed = plan_step(_mixed(16, kinds), PlanConfig(**FAST))
+    mixed = mixed_plan
     assert mixed.step_seconds > v3_plan.step_seconds
     assert mixed.device_hours_per_trillion > v3_plan.device_hours_per_trillion
     # node limiting off: tokens reach more nodes, more inter-node bytes, longer exchanges

@@ -89,7 +89,8 @@ def run_case(comm: MPI.Comm, name: str, *, nodes: int, per_node: int, num_replic
         sync.sync()
         norm = float(sync.grad_sq_sum().sqrt())
         ref_grads = {}
-        r = ref.train_step(step, inspect=lambda rf: ref_grads.update({n: g.clone() for n, g in rf.named_grads().items()}))
+        r = ref.train_step(step, inspect=lambda rf: ref_grads.update({n: g.clone()
+                                                                    for n, g in rf.named_grads().items()}))
         rel = max(abs(a - b) / abs(b) for a, b in zip(losses, r.losses))
         if rel > REL_TOL:
             raise AssertionError(f"{name} step {step}: losses off by {rel:.3e} relative: {losses} vs {r.losses}")

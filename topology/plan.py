@@ -88,6 +88,16 @@ class ModelSpec:
     num_mtp: int = 1
     """Multi-token-prediction modules (V3 trains with depth 1; not counted in the 671B)."""
 
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("num_dense_layers", "num_mtp",
+                                                                                   "num_shared_experts") else 1):
+                raise ValueError(f"model.{name}={v!r}: must be a positive integer")
+        if self.num_dense_layers > self.num_layers or self.top_k > self.num_experts:
+            raise ValueError(f"model: num_dense_layers={self.num_dense_layers} must be <= num_layers and top_k="
+                             f"{self.top_k} <= num_experts={self.num_experts}")
+
     def attention_params(self) -> int:
         h, n = self.hidden, self.num_heads
         qk = self.qk_nope_dim + self.qk_rope_dim

@@ -5,7 +5,8 @@ assigns to its rank (DualPipe: stages ``r`` and ``pp-1-r``, two copies of the mo
 ranks; DualPipeV: stages ``r`` and ``2pp-1-r``; 1F1B/ZB1P: stage ``r``) and only *walks* the
 schedule — every decision about order lives in the schedule, which is data:
 
-* ``Recv``: post a receive into a preallocated ``[micro_batch, seq, hidden]`` buffer, at once.
+* ``Recv``: post a receive on its schedule-known channel into a ring buffer
+  ``[micro_batch, seq, hidden]``, at once; the buffer goes back after the microbatch's last B/W.
 * ``F``: take the input (tokens at stage 0, else the posted receive or the local hand-off from this
   rank's other chunk), run the chunk, keep the graph; the last stage computes the loss.
 * ``B``: take the output gradient (from the loss, a receive or a local hand-off) and run backward

@@ -19,8 +19,10 @@ buffer whose send may still be in flight would race); each measurement is at lea
 
 Then a message-rate row: 64 x 4 KiB in flight from rank 0 to rank 1 (all receives posted ahead,
 a raw 1-byte acknowledgement back per batch) for raw ``Isend``/``Irecv`` + ``Waitall``, a channel
-with a ring of 64, and the dynamic queues. And a per-message breakdown of where rank 0's time goes
-in the channel and dynamic ping-pongs (``--breakdown``; Python + MPI call per API call, and the wait).
+with a ring of 64, and the dynamic queues. Then where the time goes per message: rank 0's time
+per round trip in each call of the channel and dynamic ping-pongs at 8 B and 4 MiB (Python + MPI
+call for post and send; the wait holds the peer's turn), and the same calls in one process
+(8 B to itself, no peer), next to raw persistent ``Start`` / ``Isend`` / ``Wait``.
 
 Targets (issue 12): bandwidth ratio >= 0.95 from 1 MiB to 64 MiB and >= 0.85 at 256 KiB; added
 one-way latency <= 5 us at 8 B on channels and <= 15 us on the dynamic queues.
@@ -137,6 +139,56 @@ def dyn_pingpong(tp: Transport, x: torch.Tensor, out: torch.Tensor, iters: int, 
     t = time.perf_counter() - t0
     tp.flush()
     return t / iters / 2
+
+
+# ------------------------------------------------------------------ per-call costs, one process
+def self_loop_costs(batches: int = 60, per_batch: int = 200) -> dict:
+    """Rank 0 alone (COMM_SELF, 8 B to itself): microseconds per call of post / send / wait /
+    the rest (release, progress) for raw persistent Start/Isend/Wait, the channel and the dynamic
+    queues, each the best of ``batches`` interleaved batches (the least disturbed by other
+    processes; batches are short so that one fits in a scheduler time slice). What the ping-pong
+    adds on top of these is waiting and scheduling."""
+    comm = MPI.COMM_SELF
+    tp = Transport(comm, TransportConfig(timeout_s=60))
+    x, out = torch.ones(8, dtype=torch.uint8), torch.empty(8, dtype=torch.uint8)
+    so = tp.send_channel(0, 0, shape=(8,), dtype=torch.uint8)
+    ri = tp.recv_channel(0, 0, shape=(8,), dtype=torch.uint8)
+    rreq = comm.Recv_init([out.numpy(), MPI.BYTE], 0, 5)
+    xb = x.numpy()
+    clock = time.perf_counter_ns
+
+    def raw() -> list[int]:
+        acc = [0, 0, 0, 0]
+        for _ in range(per_batch):
+            a = clock(); rreq.Start(); b = clock(); s = comm.Isend([xb, MPI.BYTE], 0, 5); c = clock()
+            rreq.Wait(); d = clock(); s.Wait(); e = clock()
+            acc[0] += b - a; acc[1] += c - b; acc[2] += d - c; acc[3] += e - d
+        return acc
+
+    def chan() -> list[int]:
+        acc = [0, 0, 0, 0]
+        for i in range(per_batch):
+            a = clock(); op = ri.post(mb=i); b = clock(); so.send(x, mb=i); c = clock()
+            ri.wait(op); d = clock(); ri.release(op); tp.progress(); e = clock()
+            acc[0] += b - a; acc[1] += c - b; acc[2] += d - c; acc[3] += e - d
+        return acc
+
+    def dyn() -> list[int]:
+        acc = [0, 0, 0, 0]
+        for _ in range(per_batch):
+            a = clock(); h = tp.irecv(0, channel=1, out=out); b = clock(); tp.isend(0, x, channel=1); c = clock()
+            tp.wait(h); d = clock(); tp.progress(); e = clock()
+            acc[0] += b - a; acc[1] += c - b; acc[2] += d - c; acc[3] += e - d
+        return acc
+
+    runs = {f.__name__: [] for f in (raw, chan, dyn)}
+    for _ in range(batches):
+        for f in (raw, chan, dyn):
+            runs[f.__name__].append(f())
+    rreq.Free()
+    tp.close()
+    return {name: dict(zip(("post", "send", "wait", "rest"), (v / per_batch / 1e3 for v in min(accs, key=sum))))
+            for name, accs in runs.items()}
 
 
 # ------------------------------------------------------------------ message rate: 64 x 4 KiB in flight
@@ -288,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
             f" | round trip raw {2 * b['one_way_us']['raw']:.2f} chan {2 * b['one_way_us']['chan']:.2f} "
             f"dyn {2 * b['one_way_us']['dyn']:.2f}", flush=True)
     tp.close()
+    costs = self_loop_costs() if comm.rank == 0 else {}
+    for name, c in costs.items():
+        say(f"per call, one process, 8 B to itself (us, best of 60 batches of 200): {name:<4} " +
+            " ".join(f"{k} {v:.2f}" for k, v in c.items()) + f"  total {sum(c.values()):.2f}")
     if comm.rank == 0:
         def ratios(key, lo, hi):
             return [r[key] for r in rows if lo <= r["bytes"] <= hi]
@@ -305,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                                        for k, v in summary.items() if k not in ("targets", "mpi")))
         print("targets: bw ratio >= 0.95 (1-64 MiB), >= 0.85 (256 KiB); added at 8 B <= 5 us (chan), <= 15 us (dyn)")
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps({"rows": rows, "rate": rate, "breakdown": breakdown, "summary": summary},
-                                           indent=1))
+        Path(ns.out).write_text(json.dumps({"rows": rows, "rate": rate, "breakdown": breakdown,
+                                            "self_loop_us_per_call": costs, "summary": summary}, indent=1))
         print(f"wrote {ns.out}")
     return 0
 

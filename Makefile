@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 RANKS  ?= 4
 ARGS   ?=
 
-.PHONY: help setup run demo test test-fast bench bench-transport bench-kernels bench-pipeline bench-telemetry bench-moe bench-placement schedule topology plan cluster analyze clean
+.PHONY: help setup run demo test test-fast bench bench-transport bench-kernels bench-pipeline bench-peer bench-telemetry bench-moe bench-placement schedule topology plan cluster analyze clean
 
 help:
 	@echo "make setup   - create $(VENV) with torch 2.13.0 (CPU build here), mpi4py + mpich wheel, the rest"
@@ -15,6 +15,7 @@ help:
 	@echo "make demo    - actors pass tensors around a ring on $(RANKS) ranks (runtime smoke test)"
 	@echo "make test    - run the test suite (pytest; multi-rank tests launch real mpiexec)"
 	@echo "make bench   - transport, kernel, pipeline, telemetry, EP dispatch/combine and expert placement benchmarks (tables + JSON in bench/results/)"
+	@echo "make bench-peer - the project's pipeline vs torch.distributed.pipelining (DualPipeV, 1F1B) on the same stages"
 	@echo "make schedule ARGS='dualpipe --pp 8 --microbatches 20' - print a pipeline schedule"
 	@echo "make topology ARGS='--nodes 8 --devices-per-node 8 --max-nodes 4' - rank layout, expert placement, predicted EP traffic"
 	@echo "make plan ARGS='--cluster v3-2048.toml' - DeepSeek-V3 at full scale priced without the hardware"
@@ -65,6 +66,9 @@ device-check:
 
 bench-pipeline: setup
 	$(PY) -m bench.pipeline
+
+bench-peer: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.peer_pipelining
 
 bench-telemetry: setup
 	$(PY) -m bench.telemetry

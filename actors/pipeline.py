@@ -225,6 +225,8 @@ class StageActor(Actor):
         """
         t_start = time.monotonic_ns()
         self._step = self.progress_step = step
+        if self.heartbeat is not None:
+            self.heartbeat.poke()
         self._recvs: dict[tuple, tuple] = {}
         self._held: dict[tuple, list] = {}
         self._inputs: dict[tuple, torch.Tensor] = {}

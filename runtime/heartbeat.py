@@ -9,7 +9,9 @@ the control stream is lossless while the supervisor is alive; a send that would 
 ``rank``:
 
 * ``hello`` (first): ``pid``, ``host``, ``role`` (the actor's role description), ``log_dir``;
-* ``beat``: the actor's :meth:`~runtime.actor.Actor.status`;
+* ``beat``: the actor's :meth:`~runtime.actor.Actor.status`, every ``interval_s`` and also at once
+  when the rank starts a step (:meth:`Heartbeat.poke`), so a rank that dies between two periodic
+  beats is still reported with the step it reached;
 * ``failed`` (last, from the failure path before ``MPI_Abort``): the failure report and status;
 * ``bye`` (last, after a clean stop).
 
@@ -68,7 +70,11 @@ class Heartbeat:
         sock.connect(self.address)
         try:
             sock.send(_pack(self._hello), zmq.NOBLOCK)
-            while not self._wake.wait(self.interval_s):
+            while True:
+                self._wake.wait(self.interval_s)
+                self._wake.clear()
+                if self._final is not None:
+                    break
                 try:
                     sock.send(_pack(self._beat()), zmq.NOBLOCK)
                 except zmq.Again:
@@ -82,6 +88,10 @@ class Heartbeat:
             sock.close()
             ctx.term()
             self._sent.set()
+
+    def poke(self) -> None:
+        """Send a beat now (the rank started a step), not only at the next period."""
+        self._wake.set()
 
     def _finish(self, msg: dict) -> None:
         if self._final is None:

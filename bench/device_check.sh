@@ -50,7 +50,8 @@ from runtime.device import describe_device
 facts = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
          "gpu": describe_device("cuda") if torch.cuda.is_available() else None,
          "scaled_mm_function": hasattr(torch.nn.functional, "scaled_mm"),
-         "scaled_mm_blockwise_ok": scaled_mm.available("cuda") if torch.cuda.is_available() else False}
+         "scaled_mm_blockwise_unavailable": scaled_mm.unavailable_reason("cuda:0") if torch.cuda.is_available()
+                                            else "no CUDA device"}
 try:
     facts["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm",
                                           "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()

@@ -99,8 +99,10 @@ def describe_backend(device: torch.device | str, backend: str) -> dict[str, str 
         info["triton"] = _triton_version()
         from kernels import scaled_mm  # probes F.scaled_mm blockwise once (a small GEMM on the device)
 
+        why_not = scaled_mm.unavailable_reason(str(torch.device(device)))
         info["dense_gemm_alternative"] = ("cuBLASLt blockwise F.scaled_mm, chosen per shape by timing"
-                                          if scaled_mm.available(device) else None)
+                                          if why_not is None else None)
+        info["scaled_mm_unavailable"] = why_not
     else:
         info["gemm"] = "torch emulation of fp8 e4m3 (1x128 / 128x128 scales, float32 per-128-K promotion)"
     return info

@@ -26,7 +26,7 @@ from kernels import reference
 from kernels.layout import BLOCK, b_scale_rows, cdiv, check_gemm
 from kernels.testing import rel_error
 
-__all__ = ["available", "scaled_mm_scales", "fp8_gemm", "supports", "BlockwiseOps"]
+__all__ = ["available", "unavailable_reason", "scaled_mm_scales", "fp8_gemm", "supports", "BlockwiseOps"]
 
 
 def supports(m: int, n: int, k: int) -> bool:
@@ -58,31 +58,41 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(device: str) -> bool:
+def unavailable_reason(device: str) -> str | None:
+    """Why ``F.scaled_mm`` blockwise cannot serve as the FP8 GEMM on ``device``; None when it can.
+
+    Probed once per device: the function and recipe names exist in this torch, the device is an
+    sm_90 CUDA GPU, and one product of each weight-scale recipe runs and matches the reference
+    emulation on the same quantized operands. The reason (the error cuBLASLt raised, or the measured
+    mismatch) goes into the backend description and the device check, so "absent" is explained.
+    """
     if not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
-        return False
+        return f"torch {torch.__version__} has no F.scaled_mm / F.ScalingType"
     dev = torch.device(device)
-    if dev.type != "cuda" or torch.version.hip is not None or torch.cuda.get_device_capability(dev)[0] != 9:
-        return False
+    if dev.type != "cuda" or torch.version.hip is not None:
+        return f"device {device} is not a CUDA GPU"
+    capability = torch.cuda.get_device_capability(dev)
+    if capability[0] != 9:
+        return f"device {device} has compute capability {capability}; the blockwise recipes need sm_90"
     g = torch.Generator(device=dev).manual_seed(0)
     a = torch.randn(256, 512, device=dev, generator=g)
     b = torch.randn(384, 512, device=dev, generator=g)
     aq, a_s = reference.quant_act_1x128(a)
-    want_rows = []
-    try:
-        for bq, b_s in (reference.quant_weight_128x128(b), reference.quant_act_1x128(b)):
+    for recipe, (bq, b_s) in (("128x128", reference.quant_weight_128x128(b)), ("1x128", reference.quant_act_1x128(b))):
+        try:
             got = fp8_gemm(aq, a_s, bq, b_s)
-            want = reference.fp8_gemm(aq, a_s, bq, b_s)
-            want_rows.append(rel_error(got, want))
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return False
-    # Same quantized operands: only the float32 accumulation order differs.
-    return all(err <= 1e-5 for err in want_rows)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:  # cuBLASLt too old, recipe unknown
+            return f"F.scaled_mm with 1x128 x {recipe} scales failed: {type(exc).__name__}: {exc}"
+        # Same quantized operands: only the float32 accumulation order may differ.
+        err = rel_error(got, reference.fp8_gemm(aq, a_s, bq, b_s))
+        if err > 1e-5:
+            return f"F.scaled_mm with 1x128 x {recipe} scales differs from the reference: rel error {err:.2e} > 1e-5"
+    return None
 
 
 def available(device: torch.device | str) -> bool:
     """True where ``F.scaled_mm`` blockwise runs on ``device`` and matches the reference (probed once)."""
-    return _probe(str(torch.device(device)))
+    return unavailable_reason(str(torch.device(device))) is None
 
 
 class BlockwiseOps:

@@ -179,4 +179,6 @@ def test_scaled_mm_scale_layouts_and_probe_on_cpu():
     sa, sb, recipe = scaled_mm.scaled_mm_scales(a_s, g_s, 260)
     assert recipe == "BlockWise1x128" and sb.stride() == (1, 260) and torch.equal(sb, g_s)
     assert not scaled_mm.available("cpu")
+    assert scaled_mm.unavailable_reason("cpu") in ("device cpu is not a CUDA GPU",
+                                                    f"torch {torch.__version__} has no F.scaled_mm / F.ScalingType")
     assert scaled_mm.supports(128, 7168, 2048) and not scaled_mm.supports(128, 7168, 2000)

@@ -152,8 +152,9 @@ def test_scaled_mm_blockwise_backend_when_present(gen):
     """F.scaled_mm blockwise: probed (not assumed), and where present it matches the reference."""
     from kernels import scaled_mm
 
-    if not scaled_mm.available(DEV):
-        pytest.skip("F.scaled_mm blockwise is absent or wrong on this torch/GPU (probe said no)")
+    why_not = scaled_mm.unavailable_reason(str(torch.device(DEV)))
+    if why_not is not None:
+        pytest.skip(f"F.scaled_mm blockwise not usable here: {why_not}")
     a = torch.randn(4096, 2048, device=DEV, generator=gen)
     b = torch.randn(7168, 2048, device=DEV, generator=gen)
     aq, a_s = ref.quant_act_1x128(a)

@@ -164,8 +164,7 @@ def _run_supervised(n: int, module: str, args: list[str] | None, *, timeout: flo
                         proc.wait(_FAILED_GRACE_S)
                     except subprocess.TimeoutExpired:
                         pass
-                path = sup.write_report(verdict)
-                say(verdict["text"] + (f"\n  full report: {path}" if path else ""))
+                say(f"{verdict['text']}\n  {sup.write_report(verdict)}")
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                 rc = proc.wait()
@@ -181,8 +180,7 @@ def _run_supervised(n: int, module: str, args: list[str] | None, *, timeout: flo
                     sup.receive(0)
                     verdict = sup.check()
                 if verdict is not None and verdict["verdict"] in ("failed", "died"):
-                    path = sup.write_report(verdict)
-                    say(verdict["text"] + (f"\n  full report: {path}" if path else ""))
+                    say(f"{verdict['text']}\n  {sup.write_report(verdict)}")
                 break
             if t_end is not None and time.monotonic() > t_end:
                 os.killpg(proc.pid, signal.SIGKILL)

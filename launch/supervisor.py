@@ -337,17 +337,18 @@ class Supervisor:
                 "ranks": [{"rank": o.rank, "role": o.role(), "hello": o.hello, "last": o.last,
                            "final": o.final} for o in self._ranks]}
 
-    def write_report(self, verdict: dict) -> Path | None:
-        """Write ``verdict`` to ``supervisor.json`` in the run's log folder (from rank 0's hello)."""
+    def write_report(self, verdict: dict) -> str:
+        """Write ``verdict`` to ``supervisor.json`` in the run's log folder (from the first hello that
+        names one); returns the line to print: ``full report: <path>``, or why there is no file."""
         hello = next((st.hello for st in self._ranks if st.hello and st.hello.get("log_dir")), None)
         if hello is None:
-            return None
+            return "no report file: no rank named a log folder in its hello"
         path = Path(hello["log_dir"]) / "supervisor.json"
         try:
             path.write_text(json.dumps(verdict, default=str, indent=1))
-        except OSError:
-            return None
-        return path
+        except OSError as exc:
+            return f"no report file: cannot write {path}: {exc}"
+        return f"full report: {path}"
 
     def close(self) -> None:
         for fd in self._pidfds:

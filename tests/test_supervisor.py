@@ -7,6 +7,7 @@ tests/test_reliability_mpi.py cover the same verdicts end to end).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -104,4 +105,17 @@ def test_heartbeat_thread_reaches_the_supervisor_and_reports_a_failure():
     sup.receive(1.0)
     v = sup.check()
     assert v["verdict"] == "failed" and v["rank"] == 0 and v["error"] == "ValueError: boom"
+    sup.close()
+
+
+def test_report_line_names_the_file_or_why_there_is_none(tmp_path):
+    # the launcher prints this line: a path that cannot be written must say so, not vanish
+    sup = _sup(1)
+    verdict = {"verdict": "silent", "rank": 0}
+    assert sup.write_report(verdict) == "no report file: no rank named a log folder in its hello"
+    sup._ranks[0].hello["log_dir"] = str(tmp_path / "missing")
+    assert sup.write_report(verdict).startswith(f"no report file: cannot write {tmp_path / 'missing'}/supervisor.json")
+    sup._ranks[0].hello["log_dir"] = str(tmp_path)
+    assert sup.write_report(verdict) == f"full report: {tmp_path / 'supervisor.json'}"
+    assert json.loads((tmp_path / "supervisor.json").read_text()) == verdict
     sup.close()

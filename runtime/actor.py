@@ -92,9 +92,12 @@ class Actor(abc.ABC):
         self.running = False
 
     def _on_transfer(self, name: str, t0: int, t1: int, **fields) -> None:
-        self.flight.record(name, t1, dur_us=(t1 - t0) // 1000, **fields)
+        # Runs on every message: ``fields`` is this call's own dict, so the flight recorder keeps it
+        # (with dur_us added after the log has read it) instead of a keyword copy of it.
         if self._trace:
             log.record_span(name, t0, t1, **fields)
+        fields["dur_us"] = (t1 - t0) // 1000
+        self.flight.record_fields(name, t1, fields)
 
     def role_info(self) -> dict:
         """What this rank is, for reports (subclasses add their pipeline stages, expert group, ...)."""

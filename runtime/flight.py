@@ -26,6 +26,12 @@ class FlightRecorder:
         """Add one entry (``t_ns``: its monotonic end time; now if omitted)."""
         self._ring.append((time.monotonic_ns() if t_ns is None else t_ns, what, fields))
 
+    def record_fields(self, what: str, t_ns: int, fields: dict) -> None:
+        """Add one entry whose ``fields`` dict the caller hands over (kept as is, not copied): the
+        per-message span callback already holds a fresh dict, and re-packing it as keywords would
+        cost more than the append itself."""
+        self._ring.append((t_ns, what, fields))
+
     def tail(self, n: int | None = None) -> list[dict]:
         """The newest ``n`` entries (all if None), oldest first, as dicts with ``age_s`` from now."""
         entries = list(self._ring)  # one C call under the GIL: the appending thread cannot interleave

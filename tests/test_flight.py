@@ -17,3 +17,11 @@ def test_ring_keeps_the_newest_in_order_with_ages():
     assert [e["seq"] for e in tail] == [2, 3, 4] and all(e["what"] == "send" for e in tail)
     assert [round(e["age_s"]) for e in tail] == [3, 2, 1]
     assert [e["seq"] for e in fr.tail(2)] == [3, 4]
+
+
+def test_record_fields_keeps_the_handed_over_dict():
+    fr = FlightRecorder()
+    fields = {"peer": 1, "seq": 7, "dur_us": 3}
+    fr.record_fields("recv", time.monotonic_ns(), fields)
+    (entry,) = fr.tail()
+    assert entry["what"] == "recv" and {k: entry[k] for k in fields} == fields and entry["age_s"] >= 0

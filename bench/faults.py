@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.output import write_result
 from launch.local import run_local
 from launch.supervisor import SupervisorConfig
 
@@ -53,11 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'fault':6} {'verdict':8} {'rank':>4} {'exit':>4} {'named after':>12}  role")
     for r in rows:
         print(f"{r['fault']:6} {r['verdict']:8} {r['rank']:>4} {r['exit']:>4} {r['seconds_to_verdict']:>10.2f} s  {r['role']}")
-    out = Path("bench/results/faults.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"deadlines": {"liveness_s": config.liveness_s, "progress_s": config.progress_s,
-                                             "heartbeat_s": config.heartbeat_s}, "rows": rows}, indent=1))
-    print(f"JSON: {out}")
+    write_result("bench/results/faults.json", {"deadlines": {"liveness_s": config.liveness_s,
+                                                             "progress_s": config.progress_s,
+                                                             "heartbeat_s": config.heartbeat_s}, "rows": rows})
     return 0
 
 

@@ -47,6 +47,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from bench.output import write_result
 from runtime.analysis import read_run, split_steps, summarize
 from launch.local import LaunchTimeout, run_local
 from runtime.schedules import SCHEDULE_NAMES, build
@@ -368,10 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nnote: other processes used > {ns.quiet_threshold} cores during {len(busy_runs)} of {len(records)} "
               f"runs (max {max(r['foreign_load_cores'] for r in busy_runs):.2f}): those timings are disturbed")
     print(f"\nverdict: {json.dumps(res['verdict'])}")
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
+    write_result(ns.out, res)
     return 0
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import zmq
 
+from bench.output import write_result
 from launch import collector
 from launch.local import LaunchTimeout, run_local
 from runtime.analysis import read_run, split_steps
@@ -177,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print("cost of one Telemetry.send (one per rank per step), µs: "
           + ", ".join(f"{k} {v:.1f}" for k, v in res["send_us"].items()))
     print(f"verdict (|median ratio - 1| <= {TARGET_WITHIN:.0%}): {json.dumps(res['verdict'])}")
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
+    write_result(ns.out, res)
     return 0
 
 

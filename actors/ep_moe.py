@@ -116,6 +116,8 @@ class EPMoE(torch.nn.Module):
         what rides along (gate weights, slot ids; the gate-weight gradient in dispatch-bwd)."""
         self.hop1_from = ep_route.hop1_sources(group, me)
         self.node = ep_route.node_ranks(group, me)
+        self.rail = [group.rail[me][k] for k in range(group.num_nodes)]
+        """Hop 1's peers: this rank's rail peer on every node of the group (itself on its own), in node order."""
 
     @property
     def moe(self) -> MoE:
@@ -230,35 +232,24 @@ class EPMoE(torch.nn.Module):
                                                        "dispatch-bwd")
 
     def _spread(self, mb: MicroBatch, tensors: tuple, fields: tuple, phase: str, *, counted: bool):
-        g, me, ex = self.group, self.me, self._exchange_for(phase)
-        sends = {g.rail[me][k]: tuple(t[idx].contiguous() for t in tensors) for k, idx in enumerate(mb.to_node)}
-        op = ex.start(sends, self.hop1_from, fields, recv_rows=None if counted else mb.fwd_rows,
-                      layer=self.layer, mb=mb.mb, phase=f"{phase} hop1")
-        yield op
-        self._count(op, phase, "inter")
+        sends = {peer: tuple(t[idx].contiguous() for t in tensors) for peer, idx in zip(self.rail, mb.to_node)}
+        op = yield from self._hop(mb, phase, 1, sends, self.hop1_from, fields, None if counted else mb.fwd_rows)
         if counted:
             mb.fwd_rows = {s: op.received[s][0].shape[0] for s in self.hop1_from}
         fwd = [torch.cat([op.received[s][i] for s in self.hop1_from]) for i in range(len(fields))]
         if counted:
             mb.fan = ep_route.fan_out(fwd[2], self.node, self.spr)
         sends = {j: tuple(t[idx].contiguous() for t in fwd) for j, idx in zip(self.node, mb.fan)}
-        op = ex.start(sends, self.node, fields, recv_rows=None if counted else mb.hold_rows,
-                      layer=self.layer, mb=mb.mb, phase=f"{phase} hop2")
-        yield op
-        self._count(op, phase, "intra")
+        op = yield from self._hop(mb, phase, 2, sends, self.node, fields, None if counted else mb.hold_rows)
         if counted:
             mb.hold_rows = {f: op.received[f][0].shape[0] for f in self.node}
         return tuple(torch.cat([op.received[f][i] for f in self.node]) for i in range(len(fields)))
 
     def _gather(self, mb: MicroBatch, tensors: tuple, fields: tuple, phase: str):
-        g, me, ex = self.group, self.me, self._exchange_for(phase)
         parts = zip(*(t.split([mb.hold_rows[f] for f in self.node]) for t in tensors))  # per forwarder
         sends = {f: tuple(p.contiguous() for p in part) for f, part in zip(self.node, parts)}
-        op = ex.start(sends, self.node, fields,
-                      recv_rows={j: len(idx) for j, idx in zip(self.node, mb.fan)},
-                      layer=self.layer, mb=mb.mb, phase=f"{phase} hop2")
-        yield op
-        self._count(op, phase, "intra")
+        op = yield from self._hop(mb, phase, 2, sends, self.node, fields,
+                                  {j: len(idx) for j, idx in zip(self.node, mb.fan)})
         total = sum(mb.fwd_rows.values())
         acc = [torch.zeros((total, *f.row_shape), dtype=f.dtype) for f in fields]
         for j, idx in zip(self.node, mb.fan):  # holders in ascending order: a fixed summation order
@@ -267,17 +258,24 @@ class EPMoE(torch.nn.Module):
         sizes = [mb.fwd_rows[s] for s in self.hop1_from]
         parts = list(zip(*(a.split(sizes) for a in acc)))
         sends = {s: tuple(p.contiguous() for p in part) for s, part in zip(self.hop1_from, parts)}
-        peers = [g.rail[me][k] for k in range(g.num_nodes)]
-        op = ex.start(sends, peers, fields, recv_rows={p: len(idx) for p, idx in zip(peers, mb.to_node)},
-                      layer=self.layer, mb=mb.mb, phase=f"{phase} hop1")
-        yield op
-        self._count(op, phase, "inter")
+        op = yield from self._hop(mb, phase, 1, sends, self.rail, fields,
+                                  {p: len(idx) for p, idx in zip(self.rail, mb.to_node)})
         tokens = mb.phys.shape[0]
         out = [torch.zeros((tokens, *f.row_shape), dtype=f.dtype) for f in fields]
-        for p, idx in zip(peers, mb.to_node):  # nodes in group order
+        for p, idx in zip(self.rail, mb.to_node):  # nodes in group order
             for o, part in zip(out, op.received[p]):
                 o.index_add_(0, idx, part)
         return tuple(out)
+
+    def _hop(self, mb: MicroBatch, phase: str, hop: int, sends: dict, peers: list[int], fields: tuple,
+             recv_rows: dict | None):
+        """One exchange of ``phase`` (hop 1: between nodes, hop 2: inside the node): post it, yield it to
+        the executor and count its bytes once it is done; returns the finished op."""
+        op = self._exchange_for(phase).start(sends, peers, fields, recv_rows=recv_rows, layer=self.layer, mb=mb.mb,
+                                             phase=f"{phase} hop{hop}")
+        yield op
+        self._count(op, phase, "inter" if hop == 1 else "intra")
+        return op
 
     def _exchange_for(self, phase: str) -> Exchange:
         return self.backward_exchange if phase.endswith("-bwd") else self.exchange

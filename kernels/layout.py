@@ -31,6 +31,7 @@ __all__ = [
     "b_scale_rows",
     "check_gemm",
     "check_grouped_wgrad",
+    "check_offsets",
     "expert_offsets",
     "tile_offsets",
 ]
@@ -124,6 +125,15 @@ def check_grouped_wgrad(
             or any(o % BLOCK for o in offs) or any(y < x for x, y in zip(offs, offs[1:]))):
         raise ValueError(f"k_offsets must rise from 0 to {a.shape[1]} in multiples of {BLOCK} "
                          f"(kernels.layout.tile_offsets), got {offs}")
+
+
+def check_offsets(offsets: Sequence[int], tokens: int) -> list[int]:
+    """``offsets`` as host ints after checking they rise from 0 to ``tokens`` (rows of ``x[tokens, K]``):
+    expert e's rows are ``offsets[e]:offsets[e+1]``."""
+    offs = [int(o) for o in offsets]
+    if len(offs) < 2 or offs[0] != 0 or offs[-1] != tokens or any(y < x for x, y in zip(offs, offs[1:])):
+        raise ValueError(f"offsets must run from 0 to the {tokens} rows of x without decreasing, got {offs}")
+    return offs
 
 
 def expert_offsets(counts_or_offsets: torch.Tensor | Sequence[int], experts: int, tokens: int) -> list[int]:

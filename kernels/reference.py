@@ -23,6 +23,7 @@ from kernels.layout import (
     cdiv,
     check_gemm,
     check_grouped_wgrad,
+    check_offsets,
     expert_offsets,
     tile_offsets,
 )
@@ -82,9 +83,7 @@ def quant_act_128x1_grouped(
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [tokens, channels], got shape {tuple(x.shape)}")
     t, k = x.shape
-    offsets = list(offsets)
-    if offsets[0] != 0 or offsets[-1] != t:
-        raise ValueError(f"offsets must run from 0 to the {t} rows of x, got {offsets}")
+    offsets = check_offsets(offsets, t)
     tiles = tile_offsets(offsets)
     q = torch.zeros(k, tiles[-1], dtype=FP8_DTYPE, device=x.device)
     s = torch.zeros(k, tiles[-1] // BLOCK, dtype=torch.float32, device=x.device)

@@ -52,6 +52,7 @@ from kernels.layout import (
     cdiv,
     check_gemm,
     check_grouped_wgrad,
+    check_offsets,
     expert_offsets,
     tile_offsets,
 )
@@ -384,9 +385,7 @@ def quant_act_128x1_grouped(
     """
     _check_2d(x, "x")
     t, k = x.shape
-    offsets = list(offsets)
-    if offsets[0] != 0 or offsets[-1] != t:
-        raise ValueError(f"offsets must run from 0 to the {t} rows of x, got {offsets}")
+    offsets = check_offsets(offsets, t)
     tiles_at = tile_offsets(offsets)
     q_t = torch.empty(k, tiles_at[-1], dtype=FP8_DTYPE, device=x.device)
     s_t = torch.empty(k, tiles_at[-1] // BLOCK, dtype=torch.float32, device=x.device)

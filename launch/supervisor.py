@@ -356,8 +356,3 @@ class Supervisor:
         self._pidfds.clear()
         self._sock.close()
         self._ctx.term()
-
-    @property
-    def all_done(self) -> bool:
-        """Every rank said bye."""
-        return all(st.final is not None and st.final["type"] == "bye" for st in self._ranks)

@@ -29,16 +29,13 @@ from __future__ import annotations
 import math
 import struct
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from mpi4py import MPI
 
 from runtime import spans
 from runtime.envelope import INLINE_MAX, KINDS, EnvelopeError, itemsize
-
-if TYPE_CHECKING:
-    from runtime.transport import Transport
+from runtime.transport import Transport, _wire  # transport imports this module only inside its methods
 
 __all__ = ["SendChannel", "RecvChannel", "ChannelSend", "ChannelRecv", "TRAILER", "SMALL_MAX"]
 
@@ -48,10 +45,6 @@ _MAGIC = 0xA5
 SMALL_MAX = INLINE_MAX
 """Payloads up to this many bytes travel in one message together with their trailer."""
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
-
-
-def _wire(t: torch.Tensor) -> MPI.buffer:
-    return MPI.buffer.fromaddress(t.data_ptr(), t.nbytes)
 
 
 class _Channel:

@@ -30,22 +30,16 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from topology.kinds import KINDS
+
 __all__ = ["DEVICE_SPEEDS", "LinkClass", "Node", "Cluster", "load_cluster", "dump_cluster", "parse_cluster",
            "cluster_from_hostfile", "emulated_cluster"]
 
-DEVICE_SPEEDS: dict[str, tuple[float, str]] = {
-    "h100": (1.0, "reference device (H100 SXM: ~800 TFLOPS BF16 matmul measured on the test machines)"),
-    "h800": (1.0, "Hopper with the H100 SXM compute; only NVLink is cut to 400 GB/s (REFERENCE.md: Hardware)"),
-    "h200": (1.0, "same GH100 compute as H100 SXM (989 TFLOPS BF16 dense datasheet); more, faster HBM"),
-    "ascend910c": (0.3, "at the precision it trains in: reported at ~60% of H100 for inference (REFERENCE.md: "
-                        "Hardware), but no FP8 GEMM, so BF16 against Hopper's FP8 (989 vs 1979 TFLOPS dense "
-                        "peak): 0.6 x 0.5 = 0.3 (estimate; topology/kinds.py)"),
-    "ascend910b": (0.15, "estimate: a 910C package holds two 910B-class dies, so about half of 0.3"),
-    "cpu": (1e-4, "estimate: ~0.1 TFLOPS float32 matmul on a few CPU cores vs ~800 on H100"),
-}
+DEVICE_SPEEDS: dict[str, tuple[float, str]] = {k: (spec.speed, spec.speed_source) for k, spec in KINDS.items()}
 """Relative device speed (H100 = 1.0) per device kind *at the precision the kind trains in* (FP8
 GEMMs on Hopper, BF16 on Ascend: ``topology.kinds.KIND_PRECISION``), with where each figure comes
-from. A cluster file's ``[device_speed]`` table overrides an entry or adds a kind."""
+from: ``KindSpec.speed`` of :data:`topology.kinds.KINDS`, the one list of known kinds. A cluster
+file's ``[device_speed]`` table overrides an entry or adds a kind."""
 
 _NODE_KEYS = ("name", "devices", "kind")
 _LINK_KEYS = ("name", "bandwidth_gbs", "latency_us")

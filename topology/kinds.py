@@ -1,9 +1,10 @@
-"""What each device kind trains with: GEMM precision, dense peak at that precision, memory, and the
-fraction of peak a training chunk achieves -- each figure with its source.
+"""What each device kind trains with: GEMM precision, dense peak at that precision, memory, relative
+speed, and the fraction of peak a training chunk achieves -- each figure with its source.
 
-Relative *speed* (what placement and the layer split weigh) is the cluster's table
-(``Cluster.device_speed``, defaults in :data:`topology.cluster.DEVICE_SPEEDS`, H800 = 1.0 at FP8);
-this module holds the absolute figures a plan needs to turn FLOPs into seconds, MFU and memory.
+The one list of known device kinds. Relative *speed* (what placement and the layer split weigh)
+defaults to :attr:`KindSpec.speed` (:data:`topology.cluster.DEVICE_SPEEDS` is read from here; a
+cluster file's ``[device_speed]`` overrides it); the absolute figures turn FLOPs into seconds, MFU
+and memory in a plan.
 
 The efficiency was fixed from an independent published measurement *before* any comparison with
 DeepSeek-V3's reported GPU-hours (the issue's note that ~13-30% of FP8 peak lands within 1.5x was
@@ -29,27 +30,45 @@ class KindSpec:
     """Device memory, GB (10^9 bytes)."""
     source: str
     """Where :attr:`peak_tflops` and :attr:`memory_gb` come from."""
+    speed: float
+    """Relative compute speed at :attr:`precision` (H100 = 1.0): what placement and the layer split weigh."""
+    speed_source: str
+    """Where :attr:`speed` comes from."""
 
 
 KINDS: dict[str, KindSpec] = {
     "h800": KindSpec(precision="fp8", peak_tflops=1979.0, memory_gb=80.0,
                      source="H800 = H100 SXM compute, FP8 dense 1,979 TFLOPS datasheet (REFERENCE.md: Hardware); "
-                            "80 GB HBM3"),
+                            "80 GB HBM3",
+                     speed=1.0, speed_source="Hopper with the H100 SXM compute; only NVLink is cut to 400 GB/s "
+                                             "(REFERENCE.md: Hardware)"),
     "h100": KindSpec(precision="fp8", peak_tflops=1979.0, memory_gb=80.0,
-                     source="H100 SXM datasheet: FP8 dense 1,979 TFLOPS, 80 GB HBM3"),
+                     source="H100 SXM datasheet: FP8 dense 1,979 TFLOPS, 80 GB HBM3",
+                     speed=1.0, speed_source="reference device (H100 SXM: ~800 TFLOPS BF16 matmul measured on the "
+                                             "test machines)"),
     "h200": KindSpec(precision="fp8", peak_tflops=1979.0, memory_gb=141.0,
-                     source="H200 datasheet: same GH100 compute as H100 SXM (FP8 dense 1,979), 141 GB HBM3e"),
+                     source="H200 datasheet: same GH100 compute as H100 SXM (FP8 dense 1,979), 141 GB HBM3e",
+                     speed=1.0, speed_source="same GH100 compute as H100 SXM (989 TFLOPS BF16 dense datasheet); "
+                                             "more, faster HBM"),
     "ascend910c": KindSpec(precision="bf16", peak_tflops=593.4, memory_gb=128.0,
                            source="no FP8 GEMM (REFERENCE.md: FP8 practice); BF16 peak taken as 0.6 x H100's 989 "
                                   "(the reported inference ratio, REFERENCE.md: Hardware) -- an estimate; 128 GB "
-                                  "(vendor figure for the 910C package, unverified here)"),
+                                  "(vendor figure for the 910C package, unverified here)",
+                           speed=0.3, speed_source="at the precision it trains in: reported at ~60% of H100 for "
+                                                   "inference (REFERENCE.md: Hardware), but no FP8 GEMM, so BF16 "
+                                                   "against Hopper's FP8 (989 vs 1979 TFLOPS dense peak): "
+                                                   "0.6 x 0.5 = 0.3 (estimate)"),
     "ascend910b": KindSpec(precision="bf16", peak_tflops=296.7, memory_gb=64.0,
-                           source="estimate: half a 910C (two 910B-class dies per 910C); 64 GB HBM"),
+                           source="estimate: half a 910C (two 910B-class dies per 910C); 64 GB HBM",
+                           speed=0.15, speed_source="estimate: a 910C package holds two 910B-class dies, so about "
+                                                    "half of 0.3"),
     "cpu": KindSpec(precision="bf16", peak_tflops=0.1, memory_gb=64.0,
-                    source="estimate: ~0.1 TFLOPS matmul on a few CPU cores (FP8 runs a CPU emulation)"),
+                    source="estimate: ~0.1 TFLOPS matmul on a few CPU cores (FP8 runs a CPU emulation)",
+                    speed=1e-4, speed_source="estimate: ~0.1 TFLOPS float32 matmul on a few CPU cores vs ~800 on "
+                                             "H100"),
 }
-"""Per-kind figures; a kind missing here (added only through a cluster file's ``[device_speed]``) is
-planned as BF16 with its speed times the reference's effective throughput."""
+"""Per-kind figures, the known device kinds; a kind missing here (added only through a cluster file's
+``[device_speed]``) is planned as BF16 with its speed times the reference's effective throughput."""
 
 KIND_PRECISION: dict[str, str] = {k: v.precision for k, v in KINDS.items()}
 """Device kind -> the GEMM precision its ranks train in (a rank's default when the job mixes kinds)."""

@@ -102,7 +102,10 @@ def _ms(fn, graph: bool = True) -> float:
     if graph:
         try:
             return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-        except (RuntimeError, AssertionError):
+        except (RuntimeError, AssertionError) as exc:
+            # Say so: a plain-repeat figure includes launch overhead, unlike its graph-timed neighbours.
+            print(f"note: CUDA-graph timing failed ({type(exc).__name__}: {exc}); "
+                  "this figure is from plain repeats (launch overhead included)", file=sys.stderr)
             torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 

@@ -64,30 +64,38 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), reverse=True)
 
 
-def _complete(step_dir: Path) -> dict | None:
-    """The manifest of ``step_dir`` if the checkpoint is whole (manifest present, every shard there
-    with its recorded size), else None."""
+def _complete(step_dir: Path) -> tuple[dict | None, str]:
+    """``(manifest, "")`` if the checkpoint in ``step_dir`` is whole (manifest present, every shard
+    there with its recorded size), else ``(None, why not)``."""
     try:
         manifest = json.loads((step_dir / "manifest.json").read_text())
         shards = manifest["shards"]
-        if len(shards) != manifest["layout"]["pp"] * manifest["layout"]["ep"]:
-            return None
-        if any((step_dir / s["file"]).stat().st_size != s["bytes"] for s in shards):
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return manifest
+        expected = manifest["layout"]["pp"] * manifest["layout"]["ep"]
+        if len(shards) != expected:
+            return None, f"manifest lists {len(shards)} shards, its layout needs {expected}"
+        for s in shards:
+            size = (step_dir / s["file"]).stat().st_size
+            if size != s["bytes"]:
+                return None, f"{s['file']} has {size} bytes, the manifest says {s['bytes']}"
+    except FileNotFoundError as exc:
+        return None, f"{Path(exc.filename).name} missing"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"unreadable manifest or shard ({type(exc).__name__}: {exc})"
+    return manifest, ""
 
 
-def latest(root: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint under ``root`` as ``(folder, manifest)``; None if there is none."""
+def latest(root: str | os.PathLike, *, skipped: list[str] | None = None) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint under ``root`` as ``(folder, manifest)``; None if there is none.
+    ``skipped``: if given, gets ``"step-N: why"`` for every newer checkpoint passed over as incomplete."""
     root = Path(root)
     if not root.is_dir():
         return None
     for d in _step_dirs(root):
-        manifest = _complete(d)
+        manifest, why = _complete(d)
         if manifest is not None:
             return d, manifest
+        if skipped is not None:
+            skipped.append(f"{d.name}: {why}")
     return None
 
 
@@ -144,7 +152,7 @@ def save(root: str | os.PathLike, actor, cfg: TrainConfig, next_step: int, comm:
         # Keep this checkpoint and the newest complete one before it (the fallback); drop older
         # ones and interrupted ones older than this.
         older = [d for d in _step_dirs(Path(root)) if d.name < step_dir.name]
-        keep = [d for d in older if _complete(d) is not None][:_KEEP - 1]
+        keep = [d for d in older if _complete(d)[0] is not None][:_KEEP - 1]
         for d in older:
             if d not in keep:
                 shutil.rmtree(d, ignore_errors=True)

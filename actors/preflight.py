@@ -73,14 +73,16 @@ def _check_token_file(cfg: TrainConfig) -> None:
 
 
 def _check_checkpoints(cfg: TrainConfig) -> tuple[Path, dict] | None:
-    found = checkpoint.latest(cfg.checkpoint_dir)
+    skipped: list[str] = []
+    found = checkpoint.latest(cfg.checkpoint_dir, skipped=skipped)
     if not cfg.resume:
         if cfg.checkpoint_every and found is not None:
             raise ValueError(f"checkpoint_dir={cfg.checkpoint_dir!r} already holds {found[0].name} of another run: "
                              f"pass --resume to continue it, or choose another --checkpoint-dir")
         return None
     if found is None:
-        raise ValueError(f"resume: no complete checkpoint in checkpoint_dir={cfg.checkpoint_dir!r}; "
+        why = f" (incomplete: {'; '.join(skipped)})" if skipped else ""
+        raise ValueError(f"resume: no complete checkpoint in checkpoint_dir={cfg.checkpoint_dir!r}{why}; "
                          f"drop --resume to start afresh or point --checkpoint-dir at the run's checkpoints")
     step_dir, manifest = found
     if manifest.get("format") != checkpoint.FORMAT:

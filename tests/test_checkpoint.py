@@ -35,8 +35,12 @@ def test_latest_skips_checkpoints_without_manifest_or_with_short_shards(tmp_path
     _fake(tmp_path, 25, written=(10, None))  # a shard missing
     (tmp_path / "step-00000030").mkdir()
     (tmp_path / "step-00000030" / "manifest.json").write_text("{not json")
-    found = checkpoint.latest(tmp_path)
+    skipped = []
+    found = checkpoint.latest(tmp_path, skipped=skipped)
     assert found is not None and found[0] == ten and found[1]["next_step"] == 10
+    assert [s.split(":", 1)[0] for s in skipped] == [f"step-{n:08d}" for n in (30, 25, 20, 15)]
+    assert "JSONDecodeError" in skipped[0] and "rank-1.pt missing" in skipped[1]
+    assert "rank-1.pt has 4 bytes, the manifest says 10" in skipped[2] and "manifest.json missing" in skipped[3]
 
 
 def test_layout_diff_names_every_differing_field():

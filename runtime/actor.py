@@ -141,8 +141,9 @@ class Actor(abc.ABC):
         self.transport.close()
         self.running = False
         self.log.info("actor_stop", actor=type(self).__name__)
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
+        if self.heartbeat is not None and not self.heartbeat.stop():
+            self.log.warning("supervisor_unreachable", message="the final 'bye' heartbeat did not leave: the "
+                             "supervisor is gone or not reading")
 
     def run(self):
         """start, main, stop; on any exception report it and abort the whole job."""
@@ -154,6 +155,7 @@ class Actor(abc.ABC):
         except BaseException as exc:  # noqa: BLE001 - any failure must take the job down, not hang it
             pending = exc.pending if isinstance(exc, CommTimeout) else self.transport.pending()
             report = failure_report(exc, rank=self.rank, role=self.role, pending=pending)
-            if self.heartbeat is not None:
-                self.heartbeat.report_failure(report)
+            if self.heartbeat is not None and not self.heartbeat.report_failure(report):
+                self.log.warning("supervisor_unreachable", message="the failure report did not reach the supervisor (gone "
+                                 "or not reading); it is still logged here and printed to stderr")
             abort_job(report, self.comm, flight=self.flight.tail())

@@ -53,6 +53,7 @@ class Heartbeat:
         self._wake = threading.Event()
         self._sent = threading.Event()
         self._final: dict | None = None
+        self._final_sent = False
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{rank}", daemon=True)
         self._thread.start()
 
@@ -82,8 +83,9 @@ class Heartbeat:
             sock.setsockopt(zmq.SNDTIMEO, int(_FINAL_WAIT_S * 1000))
             try:
                 sock.send(_pack(self._final))
+                self._final_sent = True
             except zmq.Again:
-                pass
+                pass  # not taken within the wait: _finish returns False and the caller says so
         finally:
             sock.close()
             ctx.term()
@@ -93,16 +95,17 @@ class Heartbeat:
         """Send a beat now (the rank started a step), not only at the next period."""
         self._wake.set()
 
-    def _finish(self, msg: dict) -> None:
+    def _finish(self, msg: dict) -> bool:
         if self._final is None:
             self._final = msg
             self._wake.set()
-        self._sent.wait(_FINAL_WAIT_S + 1.0)
+        return self._sent.wait(_FINAL_WAIT_S + 1.0) and self._final_sent
 
-    def report_failure(self, report: dict) -> None:
-        """Send the failure report (with the current status) as the last message; waits briefly."""
-        self._finish({**self._beat(), **report, "type": "failed", "rank": self.rank})
+    def report_failure(self, report: dict) -> bool:
+        """Send the failure report (with the current status) as the last message; waits briefly.
+        False if it did not leave (the supervisor is gone or not reading)."""
+        return self._finish({**self._beat(), **report, "type": "failed", "rank": self.rank})
 
-    def stop(self) -> None:
-        """Clean end: send ``bye`` as the last message; waits briefly."""
-        self._finish({"type": "bye", "rank": self.rank})
+    def stop(self) -> bool:
+        """Clean end: send ``bye`` as the last message; waits briefly. False if it did not leave."""
+        return self._finish({"type": "bye", "rank": self.rank})

@@ -105,6 +105,14 @@ def test_expert_offsets():
         expert_offsets([0, 3, 2, 5], 3, 5)
 
 
+def test_grouped_128x1_offsets_checked():
+    """Decreasing offsets would give a negative expert a tile count and a wrong layout, not an error."""
+    x = torch.ones(5, 8)
+    for bad in ([0, 3, 2, 5], [0, 3], [5]):
+        with pytest.raises(ValueError, match="offsets must run from 0 to the 5 rows of x without decreasing"):
+            ref.quant_act_128x1_grouped(x, bad)
+
+
 def test_metrics_flag_nan():
     x = torch.ones(4)
     assert calc_diff(x, x) == 0.0 and rel_error(x, x) == 0.0

@@ -36,17 +36,13 @@ import torch
 from mpi4py import MPI
 
 from runtime.progress import Progress
+from runtime.transport import _wire  # the op keeps each wired tensor alive until MPI is done
 
 __all__ = ["Field", "Exchange", "ExchangeOp", "wait_any"]
 
 _MAX_INFLIGHT = 4096
 """Exchange ``seq`` modulo this picks the tag pair, so up to this many exchanges of one
 :class:`Exchange` may be open at once without their messages matching each other's receives."""
-
-
-def _wire(t: torch.Tensor) -> MPI.buffer:
-    # bare address + length (dtype-blind: bfloat16 / float8 need no view); the op keeps t alive
-    return MPI.buffer.fromaddress(t.data_ptr(), t.nbytes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ drain) is reported next to it.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -102,14 +103,17 @@ def split_steps(records: dict[int, list[dict]]) -> list[StepLog]:
         windows = sorted((r for r in recs if r["span"] == spans.STEP), key=lambda r: r["t0"])
         for w in windows:
             per_step[w["step"]][rank] = RankStep(step_span=w)
+        # one rank's steps run one after the other, so the ends are sorted too: the earliest window
+        # ending at or after a span's start is the only one that can hold it (a bisection, not a
+        # scan of every window per span, which made long runs quadratic)
+        ends = [w["t1"] for w in windows]
         for rec in recs:
             kind = rec["span"]
             if kind not in (spans.COMPUTE, spans.WAIT, spans.SEND, spans.RECV):
                 continue
-            for w in windows:
-                if w["t0"] <= rec["t0"] <= w["t1"]:
-                    getattr(per_step[w["step"]][rank], kind).append(rec)
-                    break
+            k = bisect_left(ends, rec["t0"])
+            if k < len(windows) and windows[k]["t0"] <= rec["t0"]:
+                getattr(per_step[windows[k]["step"]][rank], kind).append(rec)
     ranks = set(records)
     return [StepLog(step=s, ranks=rs) for s, rs in sorted(per_step.items()) if set(rs) == ranks]
 

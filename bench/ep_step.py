@@ -18,11 +18,9 @@ still competes with the compute it hides under for CPU time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from mpi4py import MPI
@@ -32,6 +30,7 @@ from actors.ep_layout import expert_parallel_job
 from actors.model import ModelConfig
 from actors.optim import OptimConfig
 from actors.pipeline import StageActor
+from bench.output import write_result
 from runtime import log
 from runtime.schedules import build
 
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{v:<9}{med[v]['step_s']:>9.3f}{med[v]['step_s'] / med['serial']['step_s']:>11.2f}"
                   f"{med[v]['fb_wait_s']:>36.3f}")
         print(f"EP communication hidden in FB actions: {hidden:.1%} (target >= 80%)")
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps({"args": vars(ns), "runs": runs, "median": med, "hidden": hidden},
-                                           indent=1))
+        write_result(ns.out, {"args": vars(ns), "runs": runs, "median": med, "hidden": hidden})
     ep_actor.stop()
     pp_actor.stop()
     return 0

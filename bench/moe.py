@@ -32,11 +32,9 @@ point-to-point.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +42,7 @@ from mpi4py import MPI
 
 from actors.ep_moe import EPMoE, MicroBatch, run_comm
 from actors.model import ModelConfig, MoE
+from bench.output import write_result
 from runtime.exchange import Exchange
 from runtime.progress import Progress
 from topology import (Layout, choose_replicas, emulated_cluster, hop_cost, plan_dispatch, rebalance, select_experts,
@@ -189,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             label = "fp32/fp32" if fmt == "fp32" else "fp8 disp/bf16 comb"
             print(f"{label:<18}{m['two_hop_us']:>12.1f}{m['flat_us']:>10.1f}{m['two_hop_us'] / m['flat_us']:>8.2f}"
                   f"{m['inter_bytes_two_hop'] / 1e6:>18.2f}{m['inter_bytes_flat'] / 1e6:>15.2f}")
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps({"args": vars(ns), "times_s": times, "median_s": med, "model": model},
-                                           indent=1))
+        write_result(ns.out, {"args": vars(ns), "times_s": times, "median_s": med, "model": model})
     ex.close()
     return 0
 

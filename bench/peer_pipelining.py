@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.output import write_result
 from launch.local import LaunchTimeout, run_local
 
 PEER = ("dualpipev", "1f1b")
@@ -222,9 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"config": {k: v for k, v in vars(ns).items() if k not in ("worker", "peer")},
            "pooled_step_ms": pooled, "summary": summary, "rounds": per_round,
            "cores": os.cpu_count()}
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {ns.out}")
+    write_result(ns.out, out)
     return 0
 
 

@@ -31,15 +31,14 @@ one-way latency <= 5 us at 8 B on channels and <= 15 us on the dynamic queues.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from mpi4py import MPI
 
+from bench.output import write_result
 from runtime.transport import Transport, TransportConfig
 
 SIZES = [8, 64, 512, 4096, 32768, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -360,10 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nsummary: " + ", ".join(f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}"
                                        for k, v in summary.items() if k not in ("targets", "mpi")))
         print("targets: bw ratio >= 0.95 (1-64 MiB), >= 0.85 (256 KiB); added at 8 B <= 5 us (chan), <= 15 us (dyn)")
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps({"rows": rows, "rate": rate, "breakdown": breakdown,
-                                            "self_loop_us_per_call": costs, "summary": summary}, indent=1))
-        print(f"wrote {ns.out}")
+        write_result(ns.out, {"rows": rows, "rate": rate, "breakdown": breakdown,
+                              "self_loop_us_per_call": costs, "summary": summary})
     return 0
 
 

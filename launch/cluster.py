@@ -29,16 +29,57 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from topology import Cluster, Layout, cluster_from_hostfile, load_cluster
-from topology.kinds import KIND_PRECISION
+from topology import Cluster, Layout, cluster_from_hostfile, emulated_cluster, load_cluster
+from topology.kinds import KIND_PRECISION, KINDS
 
-__all__ = ["FLAVORS", "LOCAL_RANK_VAR", "RankRow", "LaunchPlan", "launch_plan", "hostfile_text", "main"]
+__all__ = ["FLAVORS", "LOCAL_RANK_VAR", "CLUSTERS", "RankRow", "LaunchPlan", "launch_plan", "hostfile_text",
+           "add_cluster_arguments", "cluster_from_args", "main"]
 
 FLAVORS = ("openmpi", "mpich", "slurm")
 LOCAL_RANK_VAR = {"openmpi": "OMPI_COMM_WORLD_LOCAL_RANK", "mpich": "MPI_LOCALRANKID", "slurm": "SLURM_LOCALID"}
 """The variable each launcher sets to a rank's index on its node (runtime.device reads them all)."""
 
 _ROOT = Path(__file__).resolve().parent.parent
+
+CLUSTERS = Path(__file__).resolve().parent / "clusters"
+"""Shipped cluster files; ``--cluster NAME`` looks here when NAME is not a path."""
+
+
+def _read_hostfile(path: Path, kind: str) -> Cluster:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"--hostfile {str(path)!r}: cannot read ({e.strerror}); check the path") from None
+    return cluster_from_hostfile(text, kind=kind)
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """The cluster flags of ``launch.topology`` and ``launch.plan`` (read back by :func:`cluster_from_args`)."""
+    src = p.add_argument_group("cluster (one of)")
+    src.add_argument("--cluster", help="cluster TOML file (nodes, link classes, device speeds), or the name of one "
+                                       "in launch/clusters/ (v3-2048.toml, v3-2048-h800-910c.toml)")
+    src.add_argument("--hostfile", type=Path, help="MPI hostfile: 'host slots=N' (Open MPI) or 'host:N' (Hydra)")
+    src.add_argument("--nodes", type=int, help="emulate N identical nodes (with --devices-per-node)")
+    src.add_argument("--devices-per-node", type=int, help="devices on each emulated node")
+    src.add_argument("--kind", default="h800",
+                     help=f"device kind for --hostfile / --nodes ({', '.join(KINDS)}; default h800)")
+
+
+def cluster_from_args(ns: argparse.Namespace) -> Cluster:
+    """The cluster the flags of :func:`add_cluster_arguments` describe; ValueError naming the flag."""
+    given = [ns.cluster is not None, ns.hostfile is not None, ns.nodes is not None or ns.devices_per_node is not None]
+    if sum(given) != 1:
+        raise ValueError("cluster: give exactly one of --cluster FILE, --hostfile FILE, --nodes N --devices-per-node G")
+    if ns.cluster is not None:
+        path = Path(ns.cluster)
+        if not path.exists() and (CLUSTERS / path.name).exists():
+            path = CLUSTERS / path.name
+        return load_cluster(path)
+    if ns.hostfile is not None:
+        return _read_hostfile(ns.hostfile, ns.kind)
+    if ns.nodes is None or ns.devices_per_node is None:
+        raise ValueError("--nodes and --devices-per-node go together")
+    return emulated_cluster(ns.nodes, ns.devices_per_node, kind=ns.kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,11 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.cluster is not None:
             cluster, kinds_known = load_cluster(ns.cluster), True
         else:
-            try:
-                text = ns.hostfile.read_text()
-            except OSError as e:
-                raise ValueError(f"--hostfile {str(ns.hostfile)!r}: cannot read ({e.strerror})") from None
-            cluster, kinds_known = cluster_from_hostfile(text, kind=ns.kind), False
+            cluster, kinds_known = _read_hostfile(ns.hostfile, ns.kind), False
         flavor = _flavor(ns)
         hostfile = Path("logs") / run_id / f"hostfile.{flavor}"
         plan = launch_plan(cluster, ns.np, flavor, module, args, kinds_known=kinds_known, python=ns.python,

@@ -9,15 +9,11 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
-from topology import cluster_from_hostfile, emulated_cluster, load_cluster
+from launch.cluster import add_cluster_arguments, cluster_from_args
 from topology.plan import Plan, PlanConfig, plan_step
 
 __all__ = ["main", "format_plan"]
-
-CLUSTERS = Path(__file__).resolve().parent / "clusters"
-"""Shipped cluster files; ``--cluster NAME`` looks here when NAME is not a path."""
 
 PUBLISHED_HOURS_PER_T = 180e3
 """DeepSeek-V3 report: 2.664M H800 GPU-hours for 14.8T pre-training tokens, about 180K per trillion."""
@@ -52,13 +48,7 @@ examples:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.plan", description=_DESCRIPTION, epilog=_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("cluster (one of)")
-    src.add_argument("--cluster", help="cluster TOML file, or the name of one in launch/clusters/ (v3-2048.toml, "
-                                       "v3-2048-h800-910c.toml)")
-    src.add_argument("--hostfile", type=Path, help="MPI hostfile: 'host slots=N' (Open MPI) or 'host:N' (Hydra)")
-    src.add_argument("--nodes", type=int, help="emulate N identical nodes (with --devices-per-node)")
-    src.add_argument("--devices-per-node", type=int, help="devices on each emulated node")
-    src.add_argument("--kind", default="h800", help="device kind for --hostfile / --nodes (default h800)")
+    add_cluster_arguments(p)
     d = PlanConfig()
     lay = p.add_argument_group("parallelism and batch (defaults: DeepSeek-V3's published setup)")
     lay.add_argument("--pp", type=int, default=d.pp, help=f"pipeline ranks (default {d.pp})")
@@ -81,26 +71,6 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"routing sample per device for the link model (default {d.sample_tokens})")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
     return p
-
-
-def _cluster(ns: argparse.Namespace):
-    given = [x for x in ("cluster", "hostfile", "nodes") if getattr(ns, x) is not None]
-    if len(given) != 1:
-        raise ValueError("give exactly one of --cluster FILE, --hostfile FILE, --nodes N --devices-per-node G")
-    if ns.cluster is not None:
-        path = Path(ns.cluster)
-        if not path.exists() and (CLUSTERS / path.name).exists():
-            path = CLUSTERS / path.name
-        return load_cluster(path)
-    if ns.hostfile is not None:
-        try:
-            text = ns.hostfile.read_text()
-        except OSError as e:
-            raise ValueError(f"--hostfile {str(ns.hostfile)!r}: cannot read ({e.strerror})") from None
-        return cluster_from_hostfile(text, kind=ns.kind)
-    if ns.devices_per_node is None:
-        raise ValueError("--nodes needs --devices-per-node G")
-    return emulated_cluster(ns.nodes, ns.devices_per_node, kind=ns.kind)
 
 
 def format_plan(plan: Plan, source: str) -> str:
@@ -145,7 +115,7 @@ def format_plan(plan: Plan, source: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     try:
-        cluster = _cluster(ns)
+        cluster = cluster_from_args(ns)
         config = PlanConfig(pp=ns.pp, ep=ns.ep, schedule=ns.schedule,
                             max_nodes=0 if ns.no_node_limit else ns.max_nodes, global_batch=ns.global_batch,
                             seq=ns.seq, microbatch_seqs=ns.microbatch_seqs, split=ns.split,

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from topology import (TOKEN_DTYPES, Cluster, HopCost, Layout, TrafficPrediction, cluster_from_hostfile,
-                      emulated_cluster, expected_nodes_per_token, imbalance, load_cluster, predict_traffic, rebalance)
+from launch.cluster import add_cluster_arguments, cluster_from_args
+from topology import (TOKEN_DTYPES, HopCost, Layout, TrafficPrediction, expected_nodes_per_token, imbalance,
+                      predict_traffic, rebalance)
 
 __all__ = ["main"]
 
@@ -53,14 +54,7 @@ examples:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.topology", description=_DESCRIPTION, epilog=_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("cluster (one of)")
-    src.add_argument("--cluster", type=Path, help="cluster TOML file (nodes, link classes, device speeds)")
-    src.add_argument("--hostfile", type=Path, help="MPI hostfile: 'host slots=N' (Open MPI) or 'host:N' (Hydra)")
-    src.add_argument("--nodes", type=int, help="emulate N identical nodes (with --devices-per-node)")
-    src.add_argument("--devices-per-node", type=int, help="devices on each emulated node")
-    src.add_argument("--kind", default="h800",
-                     help="device kind for --hostfile / --nodes (h800, h100, h200, ascend910b, ascend910c, cpu; "
-                          "default h800)")
+    add_cluster_arguments(p)
     lay = p.add_argument_group("layout")
     lay.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
     lay.add_argument("--ep", type=int, help="ranks per expert-parallel group; divides the ranks per stage "
@@ -88,23 +82,6 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="seed of the sampled routing (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     return p
-
-
-def _cluster(ns: argparse.Namespace) -> Cluster:
-    given = [ns.cluster is not None, ns.hostfile is not None, ns.nodes is not None or ns.devices_per_node is not None]
-    if sum(given) != 1:
-        raise ValueError("cluster: give exactly one of --cluster FILE, --hostfile FILE, --nodes N --devices-per-node G")
-    if ns.cluster is not None:
-        return load_cluster(ns.cluster)
-    if ns.hostfile is not None:
-        try:
-            text = ns.hostfile.read_text()
-        except OSError as e:
-            raise ValueError(f"hostfile {str(ns.hostfile)!r}: cannot read ({e.strerror}); check the path") from None
-        return cluster_from_hostfile(text, kind=ns.kind)
-    if ns.nodes is None or ns.devices_per_node is None:
-        raise ValueError("--nodes and --devices-per-node go together")
-    return emulated_cluster(ns.nodes, ns.devices_per_node, kind=ns.kind)
 
 
 def _load(ns: argparse.Namespace) -> torch.Tensor:
@@ -164,7 +141,7 @@ def _traffic_rows(t: TrafficPrediction, label: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     try:
-        cluster = _cluster(ns)
+        cluster = cluster_from_args(ns)
         layout = Layout(cluster=cluster, pp=ns.pp, ep=ns.ep or Layout(cluster=cluster, pp=ns.pp).dp)
         group = layout.ep_group(0)
         num_groups = ns.groups or group.num_nodes

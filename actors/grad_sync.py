@@ -43,6 +43,9 @@ class EPGradSync:
         self.me = comm.Get_rank()
         self.replicated = list(replicated)
         self.experts = list(experts)
+        # layers where some expert has several slots: only their slot gradients need summing (the
+        # placement is fixed for the run, so this is decided once, not per step)
+        self._replicated_experts = [ep for ep in self.experts if int(torch.bincount(ep.phy2log).max()) > 1]
         # the expert each slot serves is counted in the norm only by its lowest slot
         self._first = []
         for ep in self.experts:
@@ -61,9 +64,7 @@ class EPGradSync:
             for p in self.replicated:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-        for ep in self.experts:
-            if int(torch.bincount(ep.phy2log).max()) == 1:
-                continue  # one slot per expert: nothing to sum
+        for ep in self._replicated_experts:
             for w in ep.experts_parameters():
                 full = torch.zeros(ep.moe.c.num_routed_experts, *w.shape[1:], dtype=w.grad.dtype)
                 full.index_add_(0, ep.slot_experts, w.grad)

@@ -27,11 +27,10 @@ Steps = Generator[ExchangeOp, None, object]
 
 
 class WaitClock:
-    """Nanoseconds blocked in exchange waits, by label (e.g. ``fb`` / ``other``), and op counts."""
+    """Nanoseconds blocked in exchange waits, by label (e.g. ``fb`` / ``other``)."""
 
     def __init__(self) -> None:
         self.ns: dict[str, int] = {}
-        self.ops: dict[str, int] = {}
 
     def wait(self, op: ExchangeOp, label: str) -> None:
         t0 = time.perf_counter_ns()
@@ -40,12 +39,11 @@ class WaitClock:
 
     def add(self, label: str, ns: int) -> None:
         self.ns[label] = self.ns.get(label, 0) + ns
-        self.ops[label] = self.ops.get(label, 0) + 1
 
     def take(self) -> dict[str, float]:
         """Seconds per label since the last call (and reset)."""
         out = {k: v / 1e9 for k, v in self.ns.items()}
-        self.ns, self.ops = {}, {}
+        self.ns = {}
         return out
 
 

@@ -26,8 +26,8 @@ and device-hours per trillion tokens next to the V3 report's 180K H800 GPU-hours
 assumption it made. Nothing runs on a device.
 
 Per-chunk F/B/W times come from FLOPs and each device kind's speed at the precision it trains in
-(topology/kinds.py: peaks and the cited efficiency; topology/cluster.py DEVICE_SPEEDS or the
-cluster file's [device_speed]: relative speeds with sources); dispatch/combine from the topology
+(topology/kinds.py: peaks, relative speeds with sources and the cited efficiency; the cluster
+file's [device_speed] overrides a speed); dispatch/combine from the topology
 link model; DualPipe overlaps one microbatch's all-to-all with another's compute.
 
 What if: --pp / --ep / --microbatch-seqs / --global-batch, --no-node-limit, --schedule, or a

@@ -497,8 +497,8 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
         f"reference throughput: H800 {ref.peak_tflops:.0f} TFLOPS FP8 x {REFERENCE_EFFICIENCY:.4f} = "
         f"{ref_flops / 1e12:.0f} TFLOPS per speed unit",
         "device speeds (relative, at the precision each kind trains in): " + ", ".join(
-            f"{k} {cluster.device_speed[k]:g}" for k in sorted(set(pp_kinds))) + " (sources: topology/cluster.py "
-        "DEVICE_SPEEDS or the cluster file's [device_speed])",
+            f"{k} {cluster.device_speed[k]:g}" for k in sorted(set(pp_kinds))) + " (sources: topology/kinds.py "
+        "KINDS or the cluster file's [device_speed])",
         f"batch: {c.global_batch} sequences x {c.seq} tokens per step (V3 report, after the batch warm-up); "
         f"microbatch {c.microbatch_seqs} sequence(s) = {tokens} tokens per device (not published; assumed); "
         f"dp = {dp} ranks per stage -> {microbatches} microbatches per pipeline",

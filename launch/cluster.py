@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.schedules import Schedule, build
 from topology import Cluster, Layout, cluster_from_hostfile, emulated_cluster, load_cluster
 from topology.kinds import KIND_PRECISION, KINDS
 
@@ -123,7 +124,7 @@ def _device(kind: str, local: int) -> str:
     return f"npu:{local}" if kind.startswith("ascend") else f"cuda:{local}"
 
 
-def _train_shape(module: str, args: list[str]) -> tuple[int, int, str, str | None] | None:
+def _train_shape(module: str, args: list[str]) -> tuple[int, int, Schedule, str | None] | None:
     """(pp, ep, schedule, precision set by the arguments or None) of a launch.train job; None for other modules."""
     if module != "launch.train":
         return None
@@ -133,7 +134,8 @@ def _train_shape(module: str, args: list[str]) -> tuple[int, int, str, str | Non
     forced = None
     if "--precision" in args or "--rank-precision" in args or cfg.rank_precision:
         forced = ",".join(cfg.rank_precision) if cfg.rank_precision else cfg.model.precision
-    return cfg.pipeline.pp, cfg.pipeline.ep, cfg.pipeline.schedule, forced
+    pipe = cfg.pipeline
+    return pipe.pp, pipe.ep, build(pipe.schedule, pipe.pp, pipe.microbatches), forced
 
 
 def launch_plan(cluster: Cluster, np: int, flavor: str, module: str, args: list[str], *, kinds_known: bool,
@@ -180,14 +182,13 @@ def launch_plan(cluster: Cluster, np: int, flavor: str, module: str, args: list[
         if kinds_known:
             from topology.plan import check_mirror_kinds
 
-            check_mirror_kinds(schedule, stage_kinds)
+            check_mirror_kinds(schedule.name, stage_kinds)
         if forced is None and kinds_known:
             per_pp = [KIND_PRECISION.get(k, "bf16") for k in stage_kinds]
             args += ["--rank-precision", ",".join(per_pp)]
         for r in range(np):
             p, e = divmod(r, ep)
-            stages = sorted({p, pp - 1 - p}) if schedule == "dualpipe" else \
-                sorted({p, 2 * pp - 1 - p}) if schedule == "dualpipev" else [p]
+            stages = sorted({schedule.stage_of(p, chunk) for chunk in schedule.chunks(p)})
             roles[r] = f"pp{p} stages {'+'.join(map(str, stages))} ep{e}"
             if forced is not None:
                 precision[r] = forced.split(",")[p] if "," in forced else forced

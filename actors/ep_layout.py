@@ -4,13 +4,14 @@ the executor each pipeline rank runs its chunks with (composition only; the rule
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from mpi4py import MPI
 
 from actors.ep_stage import EPExecutor
+from actors.ep_wire import node_wires
 from actors.model import ModelConfig
 from runtime.grid import Communicators, build_communicators
 from topology import Layout, emulated_cluster, rebalance
@@ -49,11 +50,13 @@ class EPJob:
 
 
 def expert_parallel_job(world: MPI.Comm, *, pp: int, ep: int, nodes: int, model: ModelConfig, microbatches: int,
-                        num_replicas: int = 0) -> EPJob:
+                        num_replicas: int = 0, precisions: Sequence[str] | None = None) -> EPJob:
     """Split ``world`` (pp x ep ranks) as ``topology.Layout`` over ``pp * nodes`` emulated nodes of
     ``ep / nodes`` ranks (each stage's EP group spans ``nodes`` of them) and place every MoE layer's
     experts over an EP group with ``topology.rebalance`` (uniform load; ``num_replicas`` slots, 0:
-    one per expert)."""
+    one per expert). ``precisions``: every world rank's GEMM precision (default: all
+    ``model.precision``), from which each EP exchange's wire format is decided; the ranks of one
+    emulated node must share one (ValueError otherwise, on every rank alike)."""
     layout = Layout(cluster=emulated_cluster(pp * nodes, ep // nodes), pp=pp, ep=ep)
     comms = build_communicators(world, layout)
     experts = model.num_routed_experts
@@ -62,9 +65,16 @@ def expert_parallel_job(world: MPI.Comm, *, pp: int, ep: int, nodes: int, model:
                                          model.num_groups, nodes, ep)
     placement = {layer: (phy2log[i], log2phy[i], logcnt[i]) for i, layer in enumerate(moe_layers)}
     group = layout.ep_group(world.Get_rank())
+    precisions = list(precisions) if precisions is not None else [model.precision] * world.Get_size()
+    if len(precisions) != world.Get_size():
+        raise ValueError(f"precisions: {len(precisions)} entries for {world.Get_size()} ranks")
+    for ranks in layout.groups("ep"):  # every group, so that every rank reaches the same verdict
+        g = layout.ep_group(ranks[0])
+        node_wires([precisions[r] for r in g.ranks], g.node_of, hidden=model.hidden, top_k=model.top_k)
+    group_precisions = [precisions[r] for r in group.ranks]
 
     def executor(chunks, engine) -> EPExecutor:
         return EPExecutor(chunks, comm=comms.ep, group=group, placement=placement, engine=engine,
-                          microbatches=microbatches)
+                          microbatches=microbatches, precisions=group_precisions)
 
     return EPJob(comms=comms, layout=layout, executor=executor, placement=placement)

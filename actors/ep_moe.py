@@ -28,28 +28,38 @@ combine-shaped exchange), and the gate segment's backward gets ``dh``, ``dw``, `
 
 Communication steps are generators yielding :class:`~runtime.exchange.ExchangeOp` s: an executor
 may compute while an op is in flight and resumes the generator once it waited for it
-(:func:`run_comm` runs one to the end). Tokens are never dropped. The wire is float32 (the
-precision of the fp32 path the exactness tests run).
+(:func:`run_comm` runs one to the end). Tokens are never dropped.
+
+Wire precision (:mod:`actors.ep_wire`): the precision of the ranks computing the experts decides,
+per node of the group: FP8 holders get E4M3 tokens with their 1x128 scales, quantized by the
+source and fed to the expert GEMM as received (``grouped_linear(x_fp8=)``); combine and both
+backward exchanges travel in BF16 to and from FP8 and BF16 holders; fp32 ranks exchange float32
+(the exactness tests). Ranks of one EP group may differ in precision (an FP8 node and a BF16 node):
+every rank is given every ep rank's precision, so both sides of each exchange agree on the format.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from actors import ep_route
+from actors.ep_wire import Wire, node_wires
 from actors.model import MoE
 from kernels import grouped_linear
-from runtime.exchange import Exchange, ExchangeOp, Field
+from runtime.exchange import Exchange, ExchangeOp
 from topology.layout import EPGroup
 from topology.placement import choose_replicas
 
 __all__ = ["EPMoE", "MicroBatch", "run_comm"]
 
 Comm = Generator[ExchangeOp, None, None]
+
+_TOKEN_FIELDS = ("hidden", "scale")
+"""Fields counted as token bytes in :attr:`EPMoE.traffic` (the rest is ``_meta``)."""
 
 
 def run_comm(steps: Comm) -> None:
@@ -62,7 +72,7 @@ class MicroBatch:
     """What one microbatch keeps between the segments of one EP MoE layer on one rank."""
 
     __slots__ = ("mb", "shape", "x", "h", "w", "shared", "aux", "phys", "to_node", "fwd_rows", "fan", "hold_rows",
-                 "xr", "wr", "local", "out", "routed", "shared_leaf", "y", "grad_routed", "grad_out", "grad_h",
+                 "xr", "x_fp8", "wr", "local", "out", "routed", "shared_leaf", "y", "grad_routed", "grad_out", "grad_h",
                  "grad_w", "grad_shared")
 
     def __init__(self, mb: int):
@@ -82,15 +92,19 @@ class EPMoE(torch.nn.Module):
         ``[num_replicas]``, ``[experts, max_replicas]``, ``[experts]``).
     exchange / backward_exchange: where the forward's and the backward's exchanges go (separate
         streams, so that a forward and a backward may post theirs in any interleaving; default: one).
+    precisions: every ep rank's GEMM precision ``[ep]`` (default: all this rank's ``moe.c.precision``);
+        this rank's entry must be its own, and one node's ranks must share one.
     """
 
     def __init__(self, moe: MoE, *, group: EPGroup, me: int, phy2log: torch.Tensor, log2phy: torch.Tensor,
-                 logcnt: torch.Tensor, exchange: Exchange, layer: int, backward_exchange: Exchange | None = None):
+                 logcnt: torch.Tensor, exchange: Exchange, layer: int, backward_exchange: Exchange | None = None,
+                 precisions: Sequence[str] | None = None):
         super().__init__()
         c = moe.c
-        if c.precision != "fp32":
-            raise ValueError(f"model.precision={c.precision!r}: expert parallelism sends float32 rows only; "
-                             f"use precision fp32")
+        precisions = list(precisions) if precisions is not None else [c.precision] * group.size
+        if len(precisions) != group.size or precisions[me] != c.precision:
+            raise ValueError(f"precisions={precisions}: need one per ep rank ({group.size}) with this rank's "
+                             f"({me}) equal to its model.precision={c.precision!r}")
         num_replicas = phy2log.shape[0]
         if num_replicas % group.size:
             raise ValueError(f"placement has {num_replicas} slots: must be a multiple of ep={group.size}")
@@ -105,15 +119,16 @@ class EPMoE(torch.nn.Module):
         """``[slots_per_rank]`` the logical expert in each local slot."""
         self.w13 = torch.nn.Parameter(moe.w13.detach()[self.slot_experts].clone())
         self.w2 = torch.nn.Parameter(moe.w2.detach()[self.slot_experts].clone())
-        hidden, k = c.hidden, c.top_k
-        self.fields_dispatch = (Field("hidden", (hidden,), torch.float32), Field("weight", (k,), torch.float32),
-                                Field("slot", (k,), torch.int64))
-        self.fields_grad_in = (Field("hidden", (hidden,), torch.float32), Field("weight", (k,), torch.float32))
-        self.fields_row = (Field("hidden", (hidden,), torch.float32),)
+        self.precisions = tuple(precisions)
+        self.wires = node_wires(precisions, group.node_of, hidden=c.hidden, top_k=c.top_k)
+        """Per node of the group (in ``group.node_ids`` order): the format of rows to and from its experts."""
+        self.wire: Wire = self.wires[group.node_of[me]]
+        """This rank's node's format: what it receives as forwarder and holder, and sends back."""
         self.traffic: Counter[str] = Counter()
         """Bytes sent by this rank per phase (dispatch, combine, combine-bwd, dispatch-bwd) and link
-        (inter: hop 1, intra: hop 2): ``dispatch_inter`` counts token rows, ``dispatch_inter_meta``
-        what rides along (gate weights, slot ids; the gate-weight gradient in dispatch-bwd)."""
+        (inter: hop 1, intra: hop 2): ``dispatch_inter`` counts token rows (FP8: values and scales),
+        ``dispatch_inter_meta`` what rides along (gate weights, slot ids; the gate-weight gradient
+        in dispatch-bwd)."""
         self.hop1_from = ep_route.hop1_sources(group, me)
         self.node = ep_route.node_ranks(group, me)
         self.rail = [group.rail[me][k] for k in range(group.num_nodes)]
@@ -160,7 +175,8 @@ class EPMoE(torch.nn.Module):
         order = torch.argsort(torch.where(valid, flat, self.spr), stable=True)[:int(valid.sum())]
         counts = torch.bincount(flat[valid], minlength=self.spr)
         xs = xr.repeat_interleave(k, dim=0)[order]  # grouped by local slot
-        a, g = grouped_linear(xs, self.w13, counts, backend=c.precision).chunk(2, dim=-1)
+        x_fp8 = None if mb.x_fp8 is None else tuple(t.repeat_interleave(k, dim=0)[order] for t in mb.x_fp8)
+        a, g = grouped_linear(xs, self.w13, counts, backend=c.precision, x_fp8=x_fp8).chunk(2, dim=-1)
         ys = grouped_linear(F.silu(a) * g, self.w2, counts, backend=c.precision)
         slots = torch.zeros(rows * k, c.hidden, dtype=ys.dtype).index_copy(0, order, ys).view(rows, k, c.hidden)
         mb.out = (slots * wr[..., None]).sum(1)  # fixed order over k, as MoE.forward
@@ -182,7 +198,7 @@ class EPMoE(torch.nn.Module):
         gate-weight gradient) are left for :meth:`dispatch_backward`."""
         torch.autograd.backward(mb.out, mb.grad_out)
         mb.grad_h, mb.grad_w = mb.xr.grad, mb.wr.grad
-        mb.out = mb.xr = mb.wr = mb.grad_out = None
+        mb.out = mb.xr = mb.x_fp8 = mb.wr = mb.grad_out = None
 
     def gate_backward(self, mb: MicroBatch, grad_aux: torch.Tensor | None = None,
                       residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -205,74 +221,90 @@ class EPMoE(torch.nn.Module):
 
     # ------------------------------------------------------------------ communication
     def dispatch(self, mb: MicroBatch) -> Comm:
-        """Send this rank's tokens to their experts' ranks (counts first); leaves ``xr, wr`` on holders."""
+        """Send this rank's tokens to their experts' ranks (counts first), each node's in its wire
+        format; leaves ``xr`` (float32), ``x_fp8`` (the received FP8 tiles, or None) and ``wr`` on holders."""
         h, w = mb.h.detach(), mb.w.detach()
         mb.to_node = ep_route.source_rows(mb.phys, self.group, self.me, self.spr)
-        rows = yield from self._spread(mb, (h, w, mb.phys), self.fields_dispatch, "dispatch", counted=True)
-        xr, wr, slots = rows
+        per_node = [(*wire.encode_tokens(h[idx]), w[idx], mb.phys[idx]) for wire, idx in zip(self.wires, mb.to_node)]
+        rows = yield from self._spread(mb, per_node, lambda wire: wire.dispatch_fields(), "dispatch", counted=True)
+        xr, mb.x_fp8 = self.wire.decode_tokens(rows[:-2])
         mb.xr = xr.requires_grad_()
-        mb.wr = wr.requires_grad_()
-        mb.local = ep_route.local_slots(slots, self.me, self.spr)
+        mb.wr = rows[-2].requires_grad_()
+        mb.local = ep_route.local_slots(rows[-1], self.me, self.spr)
 
     def combine(self, mb: MicroBatch) -> Comm:
         """Bring the experts' outputs back, summed per node then per token; leaves ``routed`` on the source."""
-        (routed,) = yield from self._gather(mb, (mb.out.detach(),), self.fields_row, "combine")
+        (routed,) = yield from self._gather(mb, (mb.out.detach(),), lambda wire: wire.row_fields(), "combine")
         mb.routed = routed.requires_grad_()
         if mb.shared is not None:
             mb.shared_leaf = mb.shared.detach().requires_grad_()
 
     def combine_backward(self, mb: MicroBatch) -> Comm:
         """dy of the routed output to every holder of the token (the dispatch route)."""
-        (mb.grad_out,) = yield from self._spread(mb, (mb.grad_routed,), self.fields_row, "combine-bwd",
-                                                 counted=False)
+        per_node = [(mb.grad_routed[idx].to(wire.row_dtype),) for wire, idx in zip(self.wires, mb.to_node)]
+        (grad_out,) = yield from self._spread(mb, per_node, lambda wire: wire.row_fields(), "combine-bwd",
+                                              counted=False)
+        mb.grad_out = grad_out.float()
 
     def dispatch_backward(self, mb: MicroBatch) -> Comm:
         """dxr and the gate-weight gradient back to the source, summed per node (the combine route)."""
-        mb.grad_h, mb.grad_w = yield from self._gather(mb, (mb.grad_h, mb.grad_w), self.fields_grad_in,
+        mb.grad_h, mb.grad_w = yield from self._gather(mb, (mb.grad_h, mb.grad_w), lambda wire: wire.grad_in_fields(),
                                                        "dispatch-bwd")
 
-    def _spread(self, mb: MicroBatch, tensors: tuple, fields: tuple, phase: str, *, counted: bool):
-        sends = {peer: tuple(t[idx].contiguous() for t in tensors) for peer, idx in zip(self.rail, mb.to_node)}
-        op = yield from self._hop(mb, phase, 1, sends, self.hop1_from, fields, None if counted else mb.fwd_rows)
+    def _spread(self, mb: MicroBatch, per_node: list[tuple], fields_of, phase: str, *, counted: bool):
+        """Hop 1 then hop 2 of a dispatch-shaped exchange. per_node: per node of the group, this rank's
+        token rows in that node's format (``fields_of(wire)``); returns this rank's rows as holder,
+        in its own node's format."""
+        sends = {peer: tuple(t.contiguous() for t in tensors) for peer, tensors in zip(self.rail, per_node)}
+        mine = fields_of(self.wire)
+        to_nodes = {peer: fields_of(wire) for peer, wire in zip(self.rail, self.wires)}
+        op = yield from self._hop(mb, phase, 1, sends, self.hop1_from, mine, to_nodes,
+                                  None if counted else mb.fwd_rows)
         if counted:
             mb.fwd_rows = {s: op.received[s][0].shape[0] for s in self.hop1_from}
-        fwd = [torch.cat([op.received[s][i] for s in self.hop1_from]) for i in range(len(fields))]
+        fwd = [torch.cat([op.received[s][i] for s in self.hop1_from]) for i in range(len(mine))]
         if counted:
-            mb.fan = ep_route.fan_out(fwd[2], self.node, self.spr)
+            mb.fan = ep_route.fan_out(fwd[-1], self.node, self.spr)
         sends = {j: tuple(t[idx].contiguous() for t in fwd) for j, idx in zip(self.node, mb.fan)}
-        op = yield from self._hop(mb, phase, 2, sends, self.node, fields, None if counted else mb.hold_rows)
+        op = yield from self._hop(mb, phase, 2, sends, self.node, mine, mine, None if counted else mb.hold_rows)
         if counted:
             mb.hold_rows = {f: op.received[f][0].shape[0] for f in self.node}
-        return tuple(torch.cat([op.received[f][i] for f in self.node]) for i in range(len(fields)))
+        return tuple(torch.cat([op.received[f][i] for f in self.node]) for i in range(len(mine)))
 
-    def _gather(self, mb: MicroBatch, tensors: tuple, fields: tuple, phase: str):
+    def _gather(self, mb: MicroBatch, tensors: tuple, fields_of, phase: str):
+        """Hop 2 reversed (summed per node here) then hop 1 reversed (summed per token at the source) of a
+        combine-shaped exchange; tensors are float rows on this holder, sent in its node's format; sums
+        accumulate in float32. Returns float32 ``[tokens, ...]`` per field on the source."""
+        mine = fields_of(self.wire)
+        tensors = tuple(t.to(f.dtype) for t, f in zip(tensors, mine))
         parts = zip(*(t.split([mb.hold_rows[f] for f in self.node]) for t in tensors))  # per forwarder
         sends = {f: tuple(p.contiguous() for p in part) for f, part in zip(self.node, parts)}
-        op = yield from self._hop(mb, phase, 2, sends, self.node, fields,
+        op = yield from self._hop(mb, phase, 2, sends, self.node, mine, mine,
                                   {j: len(idx) for j, idx in zip(self.node, mb.fan)})
         total = sum(mb.fwd_rows.values())
-        acc = [torch.zeros((total, *f.row_shape), dtype=f.dtype) for f in fields]
+        acc = [torch.zeros((total, *f.row_shape), dtype=torch.float32) for f in mine]
         for j, idx in zip(self.node, mb.fan):  # holders in ascending order: a fixed summation order
             for a, part in zip(acc, op.received[j]):
-                a.index_add_(0, idx, part)
+                a.index_add_(0, idx, part.float())
         sizes = [mb.fwd_rows[s] for s in self.hop1_from]
-        parts = list(zip(*(a.split(sizes) for a in acc)))
+        parts = list(zip(*(a.to(f.dtype).split(sizes) for a, f in zip(acc, mine))))  # the node's sums leave rounded
         sends = {s: tuple(p.contiguous() for p in part) for s, part in zip(self.hop1_from, parts)}
-        op = yield from self._hop(mb, phase, 1, sends, self.rail, fields,
+        from_nodes = {peer: fields_of(wire) for peer, wire in zip(self.rail, self.wires)}
+        op = yield from self._hop(mb, phase, 1, sends, self.rail, from_nodes, mine,
                                   {p: len(idx) for p, idx in zip(self.rail, mb.to_node)})
         tokens = mb.phys.shape[0]
-        out = [torch.zeros((tokens, *f.row_shape), dtype=f.dtype) for f in fields]
+        out = [torch.zeros((tokens, *f.row_shape), dtype=torch.float32) for f in mine]
         for p, idx in zip(self.rail, mb.to_node):  # nodes in group order
             for o, part in zip(out, op.received[p]):
-                o.index_add_(0, idx, part)
+                o.index_add_(0, idx, part.float())
         return tuple(out)
 
-    def _hop(self, mb: MicroBatch, phase: str, hop: int, sends: dict, peers: list[int], fields: tuple,
+    def _hop(self, mb: MicroBatch, phase: str, hop: int, sends: dict, peers: list[int], fields, send_fields,
              recv_rows: dict | None):
         """One exchange of ``phase`` (hop 1: between nodes, hop 2: inside the node): post it, yield it to
         the executor and count its bytes once it is done; returns the finished op."""
-        op = self._exchange_for(phase).start(sends, peers, fields, recv_rows=recv_rows, layer=self.layer, mb=mb.mb,
-                                             phase=f"{phase} hop{hop}")
+        op = self._exchange_for(phase).start(sends, peers, fields, send_fields=send_fields, recv_rows=recv_rows,
+                                             layer=self.layer, mb=mb.mb, phase=f"{phase} hop{hop}")
         yield op
         self._count(op, phase, "inter" if hop == 1 else "intra")
         return op
@@ -281,7 +313,6 @@ class EPMoE(torch.nn.Module):
         return self.backward_exchange if phase.endswith("-bwd") else self.exchange
 
     def _count(self, op: ExchangeOp, phase: str, link: str) -> None:
-        for per_field in op.sent_bytes.values():
-            self.traffic[f"{phase}_{link}"] += per_field[0]
-            if len(per_field) > 1:
-                self.traffic[f"{phase}_{link}_meta"] += sum(per_field[1:])
+        for peer, per_field in op.sent_bytes.items():
+            for f, nbytes in zip(op.send_fields_of(peer), per_field):
+                self.traffic[f"{phase}_{link}" if f.name in _TOKEN_FIELDS else f"{phase}_{link}_meta"] += nbytes

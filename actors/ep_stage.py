@@ -54,12 +54,13 @@ class EPChunk:
         logcnt ``[experts]``) over the group, for every MoE layer of the stage.
     The routed-expert parameters of ``stage``'s MoE layers are replaced by this rank's slots
     (``layers.L.ffn.ep.w13`` / ``.w2``: ``[slots_per_rank, ...]``); :attr:`moe` maps a global MoE
-    layer index to its :class:`~actors.ep_moe.EPMoE`.
+    layer index to its :class:`~actors.ep_moe.EPMoE`. precisions: every ep rank's GEMM precision
+    ``[ep]`` (they pick each exchange's wire format; default: all this stage's).
     """
 
     def __init__(self, stage: Stage, *, group: EPGroup, me: int,
                  placement: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], exchange: Exchange,
-                 backward_exchange: Exchange | None = None):
+                 backward_exchange: Exchange | None = None, precisions: Sequence[str] | None = None):
         self.stage = stage
         self.moe: dict[int, EPMoE] = {}
         for layer, block in stage.layers.items():
@@ -70,7 +71,7 @@ class EPChunk:
                 raise ValueError(f"placement: no entry for MoE layer {layer} of stage {stage.stage}")
             phy2log, log2phy, logcnt = placement[layer]
             ep = EPMoE(block.ffn, group=group, me=me, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt,
-                       exchange=exchange, layer=layer, backward_exchange=backward_exchange)
+                       exchange=exchange, layer=layer, backward_exchange=backward_exchange, precisions=precisions)
             del block.ffn.w13, block.ffn.w2  # the full expert weights: this rank keeps its slots only
             block.ffn.ep = ep  # the slots become the stage's parameters (layers.L.ffn.ep.w13 / .w2)
             self.moe[layer] = ep
@@ -134,14 +135,15 @@ class EPExecutor:
     (:class:`actors.chunk_exec.ChunkExecutor`).
 
     comm: the ep communicator (this rank's EP group, ranks in ep order); engine: the rank's
-    progress engine (the pipeline transport's), so exchanges appear in its failure report.
+    progress engine (the pipeline transport's), so exchanges appear in its failure report;
+    precisions: each ep rank's GEMM precision ``[ep]`` (default: all this rank's chunks').
     Every rank trains on its own ``1/ep`` of each microbatch's rows: its loss and balance loss
     are weighted ``1 / (ep * microbatches)``.
     """
 
     def __init__(self, chunks: Mapping[int, Stage], *, comm: MPI.Comm, group: EPGroup,
                  placement: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], engine: Progress,
-                 microbatches: int):
+                 microbatches: int, precisions: Sequence[str] | None = None):
         me = comm.Get_rank()
         self.comm, self.ep = comm, comm.Get_size()
         self.loss_scale = 1.0 / self.ep
@@ -149,7 +151,8 @@ class EPExecutor:
         self.exchange = Exchange(comm, engine, name="ep-moe-fwd", comm_name=f"ep{self.ep}")
         self.backward_exchange = Exchange(comm, engine, name="ep-moe-bwd", comm_name=f"ep{self.ep}")
         self.chunks = {c: EPChunk(stage, group=group, me=me, placement=placement, exchange=self.exchange,
-                                  backward_exchange=self.backward_exchange) for c, stage in chunks.items()}
+                                  backward_exchange=self.backward_exchange, precisions=precisions)
+                       for c, stage in chunks.items()}
         self._aux_grad = torch.tensor(self.loss_scale / microbatches)
         self._sync = {c: EPGradSync(comm, replicated=ch.replicated_parameters(), experts=list(ch.moe.values()))
                       for c, ch in self.chunks.items()}

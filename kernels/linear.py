@@ -39,7 +39,7 @@ import torch
 from kernels import reference, scaled_mm
 from kernels.backend import BACKENDS, fp8_impl
 from kernels.fp8_weights import fp8_weight
-from kernels.layout import expert_offsets, tile_offsets
+from kernels.layout import BLOCK, FP8_DTYPE, cdiv, expert_offsets, tile_offsets
 from kernels.scaled_mm import BlockwiseOps
 from kernels.wgrad import accumulate_grad, deferred, pending_weight_grads
 
@@ -215,13 +215,14 @@ def _bf16_grouped_triton(device: torch.device) -> bool:
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: tuple[int, ...], backend: str):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: tuple[int, ...], backend: str,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None):
         ctx.offsets, ctx.backend = offsets, backend
         ctx.x_dtype = x.dtype
         e, n, _ = weight.shape
         if backend == "fp8":
             ops = _fp8_ops(x.device)
-            xq, xs = ops.quant_act_1x128(x)
+            xq, xs = ops.quant_act_1x128(x) if x_fp8 is None else x_fp8
             w8 = fp8_weight(ops, weight)
             y = ops.fp8_grouped_gemm(xq, xs, w8.q, w8.s, offsets, _gemm_dtype(x.dtype)).to(x.dtype)
             ctx.ops, ctx.w8 = ops, w8
@@ -303,7 +304,7 @@ class _GroupedLinear(torch.autograd.Function):
 
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(weight, wgrad)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 def grouped_linear(
@@ -312,12 +313,19 @@ def grouped_linear(
     counts_or_offsets: torch.Tensor | Sequence[int],
     *,
     backend: str = "fp32",
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """MoE experts: ``x[tokens, in]`` -> ``[tokens, out]``, rows of expert e times ``weight[e][out, in]ᵀ``.
 
     Contiguous layout: expert e's tokens are rows ``offsets[e]:offsets[e+1]``; pass per-expert
     counts ``[E]`` or offsets ``[E+1]`` (a tensor or ints; read on the host). Same autograd and
     deferral rules as :func:`linear`; no bias (MoE experts have none).
+
+    x_fp8: backend ``"fp8"`` only: x already quantized 1x128 (``q[tokens, in]`` E4M3,
+    ``s[tokens, ceil(in/128)]`` float32, e.g. received from the dispatch), fed to the GEMM as given
+    instead of quantizing ``x``; ``x`` must then be its dequantization
+    (:func:`kernels.wire.dequantize_tokens`): the input gradient is taken with respect to it and
+    the weight gradient's 128x1 tiles are made from it (a 1x128 copy cannot be re-tiled).
     """
     _check_backend(backend, "grouped_linear")
     if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2]:
@@ -325,5 +333,18 @@ def grouped_linear(
             "grouped_linear: x must be [tokens, in] and weight [experts, out, in] with matching in; "
             f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
         )
+    if x_fp8 is not None:
+        _check_prequantized(x, x_fp8, backend)
     offsets = tuple(expert_offsets(counts_or_offsets, weight.shape[0], x.shape[0]))
-    return _GroupedLinear.apply(x, weight, offsets, backend)
+    return _GroupedLinear.apply(x, weight, offsets, backend, x_fp8)
+
+
+def _check_prequantized(x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor], backend: str) -> None:
+    if backend != "fp8":
+        raise ValueError(f"grouped_linear: x_fp8 (pre-quantized input) needs backend='fp8', got {backend!r}: "
+                         f"pass x alone on the {backend} backend")
+    q, s = x_fp8
+    want_s = (x.shape[0], cdiv(x.shape[1], BLOCK))
+    if q.dtype != FP8_DTYPE or tuple(q.shape) != tuple(x.shape) or s.dtype != torch.float32 or tuple(s.shape) != want_s:
+        raise ValueError(f"grouped_linear: x_fp8 must be (q {FP8_DTYPE} {tuple(x.shape)}, s float32 {want_s}) "
+                         f"1x128 tiles of x; got (q {q.dtype} {tuple(q.shape)}, s {s.dtype} {tuple(s.shape)})")

@@ -7,11 +7,18 @@ sender knows, as one or more *fields* sharing that row count (``[rows, *row_shap
 own dtype: hidden states, slot ids, gate weights, ...):
 
 1. **counts first**: the sender posts one int64 count to every peer of its send set (zeros too:
-   the receiver cannot otherwise know it is done); a receiver that already knows what comes
+   the receiver cannot otherwise know it is done), with the *format* of the fields it sends (a
+   fingerprint of their names, row shapes and dtypes); a receiver that already knows what comes
    (combine and backward reuse the dispatch's counts) passes ``recv_rows`` and skips this round;
 2. **payloads** into buffers sized from the counts: each count that lands posts the receives of
    that peer's fields straight into freshly allocated tensors; the sender posts its payloads at
    start (a peer's fields travel in field order on one tag, so they match in order).
+
+Fields may differ per peer and per direction (``fields`` for what arrives, ``send_fields`` for
+what leaves): an FP8 rank and a BF16 rank receive their rows in different dtypes. Both sides must
+agree before anything moves; a disagreement is an error, never a reinterpretation of bytes: a
+count whose format fingerprint is not the receiver's raises :class:`WireMismatch`, and so does a
+payload whose byte count is not the buffer's (MPI itself refuses a longer one).
 
 Point-to-point, not ``Ialltoallv``: ``bench/moe.py`` measures both for the same two-hop traffic
 (the p2p exchange only talks to its neighbourhood, ``Ialltoallv`` is a collective over the whole
@@ -27,7 +34,9 @@ A rank's rows to itself never touch MPI: they are handed over as they are.
 
 from __future__ import annotations
 
+import functools
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +47,7 @@ from mpi4py import MPI
 from runtime.progress import Progress
 from runtime.transport import _wire  # the op keeps each wired tensor alive until MPI is done
 
-__all__ = ["Field", "Exchange", "ExchangeOp", "wait_any"]
+__all__ = ["Field", "Fields", "Exchange", "ExchangeOp", "WireMismatch", "wait_any"]
 
 _MAX_INFLIGHT = 4096
 """Exchange ``seq`` modulo this picks the tag pair, so up to this many exchanges of one
@@ -56,22 +65,48 @@ class Field:
     def empty(self, rows: int) -> torch.Tensor:
         return torch.empty((rows, *self.row_shape), dtype=self.dtype)
 
+    def describe(self) -> str:
+        return f"{self.name}:{str(self.dtype).removeprefix('torch.')}{list(self.row_shape)}"
+
+
+Fields = Sequence[Field] | Mapping[int, Sequence[Field]]
+"""One field list for every peer, or per peer (this communicator's ranks)."""
+
+
+class WireMismatch(ValueError):
+    """Two ranks disagree on what an exchange carries (format or bytes)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _format(fields: tuple[Field, ...]) -> tuple[int, str]:
+    """(fingerprint, text) of a field list: what the counts message carries and an error names."""
+    text = " ".join(f.describe() for f in fields)
+    return zlib.crc32(text.encode()), text
+
+
+def _per_peer(fields: Fields) -> Mapping[int, tuple[Field, ...]] | tuple[Field, ...]:
+    if isinstance(fields, Mapping):
+        return {p: tuple(f) for p, f in fields.items()}
+    return tuple(fields)
+
 
 class ExchangeOp:
     """One exchange in flight. ``received[peer]`` holds that peer's fields once ``done``."""
 
-    __slots__ = ("_ex", "fields", "labels", "tags", "received", "_counts_in", "_counts_out", "_keep",
-                 "_waiting", "_open", "t_post", "sent_bytes")
+    __slots__ = ("_ex", "_fields", "_send_fields", "labels", "tags", "received", "_counts_in", "_counts_out",
+                 "_keep", "_recv_parts", "_waiting", "_open", "t_post", "sent_bytes")
 
-    def __init__(self, ex: Exchange, fields: tuple[Field, ...], labels: dict, seq: int):
+    def __init__(self, ex: Exchange, fields: Fields, send_fields: Fields, labels: dict, seq: int):
         self._ex = ex
-        self.fields = fields
+        self._fields = _per_peer(fields)
+        self._send_fields = _per_peer(send_fields)
         self.labels = labels
         self.tags = (2 * (seq % _MAX_INFLIGHT), 2 * (seq % _MAX_INFLIGHT) + 1)  # counts, payloads
         self.received: dict[int, tuple[torch.Tensor, ...]] = {}
         self._counts_in: dict[int, np.ndarray] = {}
         self._counts_out: list[np.ndarray] = []
         self._keep: list[torch.Tensor] = []  # send buffers MPI reads from
+        self._recv_parts: list[tuple[int, int]] = []  # per posted payload receive: (peer, bytes expected)
         self._waiting: dict[int, int] = {}  # peer -> open receives (its count, then its fields)
         self._open = 0  # all open requests, sends included
         self.t_post = time.monotonic_ns()
@@ -82,26 +117,50 @@ class ExchangeOp:
     def done(self) -> bool:
         return self._open == 0
 
+    def fields_of(self, peer: int) -> tuple[Field, ...]:
+        """The fields this rank receives from ``peer``."""
+        f = self._fields
+        return f[peer] if isinstance(f, Mapping) else f
+
+    def send_fields_of(self, peer: int) -> tuple[Field, ...]:
+        """The fields this rank sends to ``peer``."""
+        f = self._send_fields
+        return f[peer] if isinstance(f, Mapping) else f
+
     def _post_payload_recv(self, peer: int, rows: int) -> None:
-        bufs = tuple(f.empty(rows) for f in self.fields)
+        bufs = tuple(f.empty(rows) for f in self.fields_of(peer))
         self.received[peer] = bufs
         if rows == 0:
             return
         engine, comm = self._ex.engine, self._ex.comm
-        for k, b in enumerate(bufs):
+        for b in bufs:
             self._waiting[peer] = self._waiting.get(peer, 0) + 1
             self._open += 1
-            engine.add(comm.Irecv([_wire(b), MPI.BYTE], peer, self.tags[1]), self, 1 + 2 * peer)
+            self._recv_parts.append((peer, b.nbytes))
+            engine.add(comm.Irecv([_wire(b), MPI.BYTE], peer, self.tags[1]), self, 2 * len(self._recv_parts) - 1)
 
     def _part_done(self, part: int, status: MPI.Status) -> None:
         self._open -= 1
-        if part >= 0:  # a receive: part = 2 * peer (count) or 2 * peer + 1 (payload field)
-            peer = part // 2
+        if part >= 0:  # a receive: part = 2 * peer (count) or 2 * i + 1 (i-th payload receive posted)
+            if part % 2 == 0:
+                peer = part // 2
+            else:
+                peer, want = self._recv_parts[part // 2]
+                got = status.Get_count(MPI.BYTE)
+                if got != want:
+                    raise WireMismatch(f"exchange {self._label()}: rank {self._ex.ranks[peer]} sent {got} bytes for "
+                                       f"a field of {want}: the ranks disagree on the rows' format "
+                                       f"{_format(self.fields_of(peer))[1]}")
             self._waiting[peer] -= 1
             if not self._waiting[peer]:
                 del self._waiting[peer]
             if part % 2 == 0:
-                self._post_payload_recv(peer, int(self._counts_in.pop(peer)[0]))
+                rows, fmt = (int(v) for v in self._counts_in.pop(peer))
+                want, text = _format(self.fields_of(peer))
+                if fmt != want:
+                    raise WireMismatch(f"exchange {self._label()}: rank {self._ex.ranks[peer]} sends rows in another "
+                                       f"format than this rank expects ({text}): their precisions disagree")
+                self._post_payload_recv(peer, rows)
         if self._open == 0:
             self._keep.clear()
             self._counts_out.clear()
@@ -144,18 +203,21 @@ class Exchange:
         self._seq = 0
 
     def start(self, sends: Mapping[int, Sequence[torch.Tensor]], recv_from: Sequence[int],
-              fields: Sequence[Field], *, recv_rows: Mapping[int, int] | None = None, **labels) -> ExchangeOp:
+              fields: Fields, *, send_fields: Fields | None = None, recv_rows: Mapping[int, int] | None = None,
+              **labels) -> ExchangeOp:
         """Post one exchange and return at once.
 
         sends: peer (this communicator's rank) -> its fields' tensors (``[rows, *row_shape]``,
             equal rows, contiguous); every peer that may receive from this rank must be a key
             (with zero rows when nothing goes) unless it passes ``recv_rows``.
         recv_from: the peers this rank receives from (itself included when it sends to itself).
+        fields: what arrives from each ``recv_from`` peer (one list for all, or per peer).
+        send_fields: what goes to each ``sends`` peer (one list for all, or per peer; default
+            ``fields``); the peer must expect the same (its ``fields``), or :class:`WireMismatch`.
         recv_rows: rows per ``recv_from`` peer when known in advance: no counts round.
         labels: what the failure report shows (layer, mb, phase, ...).
         """
-        fields = tuple(fields)
-        op = ExchangeOp(self, fields, labels, self._seq)
+        op = ExchangeOp(self, fields, fields if send_fields is None else send_fields, labels, self._seq)
         self._seq += 1
         me, engine, comm = self.rank, self.engine, self.comm
         count_tag, data_tag = op.tags
@@ -166,13 +228,14 @@ class Exchange:
             if recv_rows is not None:
                 op._post_payload_recv(peer, int(recv_rows[peer]))
             else:
-                buf = np.empty(1, dtype=np.int64)
+                buf = np.empty(2, dtype=np.int64)  # rows, format fingerprint
                 op._counts_in[peer] = buf
                 op._waiting[peer] = op._waiting.get(peer, 0) + 1
                 op._open += 1
                 engine.add(comm.Irecv([buf, MPI.INT64_T], peer, count_tag), op, 2 * peer)
         for peer, tensors in sends.items():
             tensors = tuple(tensors)
+            fields = op.send_fields_of(peer)
             if len(tensors) != len(fields):
                 raise ValueError(f"exchange {self.name}: {len(tensors)} tensors for peer {peer}; expected one "
                                  f"per field {[f.name for f in fields]}")
@@ -182,10 +245,13 @@ class Exchange:
                     raise ValueError(f"exchange {self.name}: field {f.name} to peer {peer} is {t.dtype} "
                                      f"{tuple(t.shape)}; expected contiguous {f.dtype} [{rows}, {f.row_shape}]")
             if peer == me:
+                if op.fields_of(me) != fields:
+                    raise WireMismatch(f"exchange {self.name}: rank {me} sends itself {_format(fields)[1]} but "
+                                       f"expects {_format(op.fields_of(me))[1]}")
                 op.received[me] = tensors
                 continue
             if recv_rows is None:
-                cnt = np.array([rows], dtype=np.int64)
+                cnt = np.array([rows, _format(fields)[0]], dtype=np.int64)
                 op._counts_out.append(cnt)
                 op._open += 1
                 engine.add(comm.Isend([cnt, MPI.INT64_T], peer, count_tag), op, -1)

@@ -1,6 +1,7 @@
 """Expert-parallel MoE layer under real mpiexec (checks in tests/mpi/ep_checks.py): ep 2 and 4 over
-2 emulated nodes against the single-process MoE, exact traffic per link class, replicas, and a
-rank failing inside dispatch."""
+2 emulated nodes against the single-process MoE, exact traffic per link class, replicas, the wire
+precision (FP8 experts, an FP8 and a BF16 rank in one group, mismatches refused), and a rank
+failing inside dispatch."""
 
 from __future__ import annotations
 
@@ -38,6 +39,38 @@ def test_ep_moe_layer_matches_single_process_moe(tmp_path):
     assert by_case["ep4-maxnodes1"]["inter_pairs"] < by_case["ep4"]["inter_pairs"]
     for rank in range(4):
         assert f"rank {rank}: all ep checks ok" in out
+    _check_wire_results([json.loads(x) for x in (tmp_path / "ep-wire-results.jsonl").read_text().splitlines()])
+
+
+def _check_wire_results(wire: list[dict]) -> None:
+    """The wire-precision cases of the same launch (tests/mpi/ep_checks.py)."""
+    fp8_0, fp8_1, mixed_fp8, mixed_bf16, mismatch = wire
+    tokens_fp8 = ["hidden:float8_e4m3fn", "scale:float32", "weight:float32", "slot:int64"]
+    back = {"combine hop1": ["hidden:bfloat16"], "combine-bwd hop1": ["hidden:bfloat16"],
+            "dispatch-bwd hop1": ["hidden:bfloat16", "weight:float32"]}
+    # FP8 experts: FP8 tokens with 1x128 scales in, BF16 out and back; the output, the input gradient
+    # and the expert gradients equal the single-process reference with the same quantization and
+    # BF16 roundings bit for bit (catches a re-quantized, mis-scaled or unrounded row); the gate
+    # gradient is a sum over ranks in another order
+    for r in (fp8_0, fp8_1, mixed_fp8):
+        assert r["received_fields"] == {"dispatch hop1": tokens_fp8, **back}, r["received_fields"]
+        assert r["token_bytes"] == 256 + 2 * 4  # hidden x 1 B + ceil(256/128) float32 scales
+    for r in (fp8_0, fp8_1):
+        for key in ("output", "input_grad", "expert_w13_grad", "expert_w2_grad"):
+            assert r[f"{key}_bit_identical"], (key, r)
+        assert r["gate_grad_calc_diff"] < 1e-12
+    # one FP8 and one BF16 rank in one EP group: each receives the tokens in its own format, and the
+    # bytes that arrive are the pairs x the receiver's token bytes (catches a sender using its own
+    # precision, or a receiver reading another dtype); within FP8's error of float32
+    assert mixed_bf16["received_fields"] == {"dispatch hop1": ["hidden:bfloat16", "weight:float32", "slot:int64"],
+                                             **back}
+    assert mixed_bf16["token_bytes"] == 2 * 256
+    for r in (mixed_fp8, mixed_bf16):
+        assert r["dispatch_token_bytes_in"] == r["dispatch_pairs_in"] * r["token_bytes"] > 0
+        assert all(r[f"{k}_calc_diff"] < 5e-3 for k in ("output", "input_grad", "expert_w13_grad", "expert_w2_grad"))
+    # a disagreement is an error, never a reinterpretation: by format (counts round) and by bytes
+    assert len(mismatch["messages"]) == 2 and "another format" in mismatch["messages"][0]
+    assert "sent 256 bytes for a field of 512" in mismatch["messages"][1]
 
 
 def test_rank_raising_inside_dispatch_aborts_with_the_pending_exchange(tmp_path):

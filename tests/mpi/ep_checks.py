@@ -21,6 +21,22 @@ Cases ``ep4``, ``ep4-replicas``, ``ep4-maxnodes1`` use all 4 ranks (2 nodes x 2)
 ranks {0,1} and {2,3} as two independent EP groups of 2 nodes x 1. Rank 0 appends one JSON line
 per case to ``LOG_DIR/ep-results.jsonl``; a failed check aborts the job.
 
+Wire precision (same launch, hidden 256 so a token has two 1x128 scale tiles), on the pairs:
+
+* ``wire-fp8`` (ranks {0,1}, both fp8): output bit-identical to a single-process reference that
+  quantizes the tokens 1x128, runs the reference FP8 grouped GEMM and rounds what combine sends
+  to BF16 (each holder's row sum, then each node's sum); gradients against the single-process FP8
+  MoE (whose backward has no BF16 wire): calc_diff < 1e-4;
+* ``wire-mixed`` (rank 2 fp8, rank 3 bf16, one EP group): every field each rank received has the
+  dtype its peer's precision implies (dispatch: the receiver's format -- E4M3 + float32 scales on
+  the fp8 rank, BF16 on the bf16 one; combine and both backward exchanges: BF16), received token
+  bytes equal sent token bytes, and the dispatch bytes equal (token, remote node) pairs x
+  ``token_bytes(hidden, that node's precision)`` (fp8: hidden x 1 + ceil(hidden/128) x 4);
+  output and gradients within calc_diff < 1e-3 of the float32 single-process MoE;
+* ``wire-mismatch`` (ranks {2,3}): a count announcing another format than the receiver expects,
+  and a payload of another byte count than the receiver's buffer (rows known in advance), each
+  raise ``WireMismatch`` on the receiver instead of being reinterpreted.
+
 ``raise`` (2 ranks): rank 1 raises right after posting its dispatch; the actor's failure report
 must list the pending exchange (layer, mb, phase, communicator, peers not heard from).
 """
@@ -33,12 +49,17 @@ import sys
 import torch
 from mpi4py import MPI
 
+import dataclasses
+
+import torch.nn.functional as F
+
 from actors.ep_moe import EPMoE, MicroBatch, run_comm
 from actors.model import ModelConfig, MoE
+from kernels import dequantize_tokens, grouped_linear, quantize_tokens
 from kernels.testing import calc_diff, rel_error
 from runtime import log
 from runtime.actor import Actor
-from runtime.exchange import Exchange
+from runtime.exchange import Exchange, Field, WireMismatch
 from runtime.progress import Progress
 from topology import Layout, emulated_cluster, plan_dispatch, rebalance, token_bytes
 
@@ -172,6 +193,230 @@ def run_case(comm: MPI.Comm, name: str, *, nodes: int, per_node: int, topk_group
     return res
 
 
+WIRE_HIDDEN = 256
+FP8_GRAD_TOL, MIXED_TOL = 1e-12, 5e-3
+_FIELD_DTYPE = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+
+
+def _run_logged(steps, ops: list) -> None:
+    """run_comm, keeping every finished op (its received fields are checked afterwards)."""
+    for op in steps:
+        op.wait()
+        ops.append(op)
+
+
+def _layer_pass(ep: EPMoE, x: torch.Tensor, grad_y: torch.Tensor, ops: list) -> tuple[torch.Tensor, MicroBatch]:
+    mb = MicroBatch(0)
+    ep.gate(mb, x)
+    _run_logged(ep.dispatch(mb), ops)
+    ep.experts(mb)
+    _run_logged(ep.combine(mb), ops)
+    y = ep.finish(mb)
+    ep.finish_backward(mb, grad_y)
+    _run_logged(ep.combine_backward(mb), ops)
+    ep.experts_backward(mb)
+    _run_logged(ep.dispatch_backward(mb), ops)
+    ep.gate_backward(mb, grad_aux=torch.tensor(0.5))
+    return y.detach(), mb
+
+
+class _BF16Both(torch.autograd.Function):
+    """A row on the BF16 wire: rounded going out (combine), its gradient rounded coming in (combine-bwd)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.bfloat16().float()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.bfloat16().float()
+
+
+class _BF16Grad(torch.autograd.Function):
+    """A token whose gradient goes back on the BF16 wire (dispatch-bwd); the forward is the identity."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.bfloat16().float()
+
+
+class _OnFP8Wire(torch.autograd.Function):
+    """Tokens as an FP8 holder sees them: ``dequantize(quantize_1x128(h))``; gradient straight through."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return dequantize_tokens(*quantize_tokens(h))
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _fp8_wire_reference(moe: MoE, x: torch.Tensor, holder: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE layer in one process on all tokens ``x [batch, seq, hidden]`` with the FP8 wire's
+    roundings written out: tokens quantized 1x128 (the FP8 grouped GEMM reads those tiles), each
+    holder's row sum rounded to BF16, summed per node (holders ascending) in float32 and rounded to
+    BF16, summed over nodes in group order; backward: dy rounded to BF16 on its way to the holders,
+    each holder's input gradient rounded to BF16, summed per node and rounded again; gate-weight
+    gradients float32. ``holder [tokens, top_k]``: the ep rank computing each slot. Returns (y, aux)."""
+    c = moe.c
+    b, s_, hidden = x.shape
+    h = x.reshape(b * s_, hidden)
+    idx, w, scores = moe.route(h)
+    moe.load += torch.bincount(idx.reshape(-1), minlength=c.num_routed_experts).to(moe.load.dtype)
+    wire = _OnFP8Wire.apply(h)
+    routed = torch.zeros_like(h)
+    for k in range(group.num_nodes):
+        node_in = _BF16Grad.apply(wire)
+        node_sum = torch.zeros_like(h)
+        for j in (j for j in range(group.size) if group.node_of[j] == k):
+            mine = holder == j
+            flat = torch.where(mine, idx, c.num_routed_experts).reshape(-1)
+            order = torch.argsort(flat, stable=True)[:int(mine.sum())]
+            counts = torch.bincount(idx[mine], minlength=c.num_routed_experts)
+            xs = _BF16Grad.apply(node_in).repeat_interleave(c.top_k, dim=0)[order]
+            x_fp8 = tuple(t.repeat_interleave(c.top_k, dim=0)[order] for t in quantize_tokens(h.detach()))
+            a, g = grouped_linear(xs, moe.w13, counts, backend="fp8", x_fp8=x_fp8).chunk(2, dim=-1)
+            ys = grouped_linear(F.silu(a) * g, moe.w2, counts, backend="fp8")
+            slots = torch.zeros(h.shape[0] * c.top_k, hidden).index_copy(0, order, ys).view(-1, c.top_k, hidden)
+            node_sum = node_sum + _BF16Both.apply((slots * w[..., None]).sum(1))
+        routed = routed + _BF16Both.apply(node_sum)
+    y = routed + moe.shared(h)
+    onehot = torch.zeros(b * s_, c.num_routed_experts).scatter_(1, idx, 1.0).view(b, s_, -1)
+    f = onehot.sum(1) * (c.num_routed_experts / (c.top_k * s_))
+    p = (scores / scores.sum(-1, keepdim=True)).view(b, s_, -1).mean(1)
+    return y.view(b, s_, hidden), c.seq_aux_alpha * (f * p).sum(-1).mean()
+
+
+def run_wire_case(comm: MPI.Comm, name: str, precisions: list[str]) -> dict:
+    """One MoE layer at ep=2 (2 nodes x 1) with the given per-rank precisions: see the module docstring."""
+    me = comm.Get_rank()
+    base = dataclasses.replace(_config(2), hidden=WIRE_HIDDEN)
+    c = dataclasses.replace(base, precision=precisions[me])
+    xs, gs = zip(*(_inputs(base, r) for r in range(2)))
+    layout = Layout(cluster=emulated_cluster(2, 1), pp=1, ep=2)
+    group = layout.ep_group(me)
+    phy2log, log2phy, logcnt = rebalance(torch.ones(1, c.num_routed_experts), c.num_routed_experts, c.num_groups, 2, 2)
+    ex = Exchange(comm, Progress(timeout_s=60), name="ep-wire", comm_name="ep2")
+    ep = EPMoE(_moe(c), group=group, me=me, phy2log=phy2log[0], log2phy=log2phy[0], logcnt=logcnt[0], exchange=ex,
+               layer=0, precisions=precisions)
+    x = xs[me].clone().requires_grad_()
+    ops: list = []
+    y, mb = _layer_pass(ep, x, gs[me], ops)
+    res: dict = {"case": name, "precisions": precisions}
+
+    # what arrived, per phase and hop, against what the peer's precision implies
+    peer = 1 - me
+    token_in = token_out = 0
+    seen = {}
+    for op in ops:
+        phase = op.labels["phase"]
+        if peer not in op.received:
+            continue
+        got = [(f.name, t.dtype) for f, t in zip(op.fields_of(peer), op.received[peer])]
+        seen[phase] = [f"{n}:{str(d).removeprefix('torch.')}" for n, d in got]
+        if phase.startswith("dispatch hop"):  # rows for this rank's experts: its own format
+            want = [("hidden", _FIELD_DTYPE[precisions[me]])] + ([("scale", torch.float32)]
+                                                                  if precisions[me] == "fp8" else [])
+            want += [("weight", torch.float32), ("slot", torch.int64)]
+            token_in += sum(t.nbytes for (n, _), t in zip(got, op.received[peer]) if n in ("hidden", "scale"))
+        elif phase.startswith("combine hop"):  # the peer's experts' outputs: BF16 from fp8 and bf16 holders
+            want = [("hidden", torch.bfloat16)]
+        elif phase.startswith("combine-bwd"):  # dy for this rank's experts
+            want = [("hidden", torch.bfloat16)]
+        else:  # dispatch-bwd: dx from the peer's experts, the gate-weight gradient in float32
+            want = [("hidden", torch.bfloat16), ("weight", torch.float32)]
+        if got != want:
+            raise AssertionError(f"{name} rank {me} {phase}: received {got} from a {precisions[peer]} peer; "
+                                 f"expected {want}")
+        if phase == "dispatch hop1":
+            token_out = sum(b for f, b in zip(op.send_fields_of(peer), op.sent_bytes[peer])
+                            if f.name in ("hidden", "scale"))
+    res["received_fields"] = seen
+    # bytes: what each rank received is what its peer sent, and is pairs x the receiver's token bytes
+    peer_sent, peer_counted = comm.sendrecv((token_out, ep.traffic["dispatch_inter"]), dest=peer, source=peer)
+    all_phys = comm.allgather(mb.phys)
+    spr = c.num_routed_experts // 2
+    pairs_in = sum(any(int(p) // spr == me for p in row) for row in all_phys[peer].tolist())
+    want_in = pairs_in * token_bytes(WIRE_HIDDEN, precisions[me])
+    res["dispatch_token_bytes_in"] = token_in
+    res["dispatch_pairs_in"] = pairs_in
+    res["token_bytes"] = token_bytes(WIRE_HIDDEN, precisions[me])
+    if not token_in == peer_sent == peer_counted == want_in:
+        raise AssertionError(f"{name} rank {me}: dispatch token bytes received {token_in}, sent by the peer "
+                             f"{peer_sent} (its traffic count {peer_counted}), expected {pairs_in} pairs x "
+                             f"{res['token_bytes']} = {want_in}")
+    res["traffic"] = dict(ep.traffic)
+
+    # outputs and gradients
+    h_all = torch.cat(xs).reshape(-1, WIRE_HIDDEN)
+    rows = slice(me * BATCH * SEQ, (me + 1) * BATCH * SEQ)
+    fp32 = _moe(base)
+    xr = torch.cat(xs).requires_grad_()
+    yr, aux = fp32(xr)
+    ((yr * torch.cat(gs)).sum() + aux).backward()  # each rank's aux weighs 0.5: their mean
+    if precisions == ["fp8", "fp8"]:
+        ref = _moe(c)
+        holder = torch.cat(all_phys) // spr
+        xq = torch.cat(xs).requires_grad_()
+        yq, auxq = _fp8_wire_reference(ref, xq, holder, group)
+        ((yq * torch.cat(gs)).sum() + auxq).backward()
+        want_y, want_dx = yq.detach()[me * BATCH:(me + 1) * BATCH], xq.grad[me * BATCH:(me + 1) * BATCH]
+        exact = {"output": (y, want_y), "input_grad": (x.grad, want_dx),
+                 "gate_grad": (_allsum(comm, ep.moe.gate.grad), ref.gate.grad)}
+        exact.update({f"expert_{p}_grad": (getattr(ep, p).grad, getattr(ref, p).grad[ep.slot_experts])
+                      for p in ("w13", "w2")})
+        for key, (got, want) in exact.items():
+            res[f"{key}_bit_identical"] = bool(torch.equal(got, want))
+        if not res["output_bit_identical"]:
+            raise AssertionError(f"{name}: output differs from the FP8-wire reference: calc_diff "
+                                 f"{calc_diff(y, want_y):.3g}, max abs {float((y - want_y).abs().max()):.3g}")
+        grads = exact
+        tol = FP8_GRAD_TOL
+    else:
+        grads = {"output": (y, yr.detach()[me * BATCH:(me + 1) * BATCH]),
+                 "input_grad": (x.grad, xr.grad[me * BATCH:(me + 1) * BATCH])}
+        grads.update({f"expert_{p}_grad": (getattr(ep, p).grad, getattr(fp32, p).grad[ep.slot_experts])
+                      for p in ("w13", "w2")})
+        tol = MIXED_TOL
+        with torch.no_grad():  # what FP8 alone costs against float32, for scale (reported, not checked)
+            y8 = _moe(dataclasses.replace(base, precision="fp8"))(torch.cat(xs))[0][me * BATCH:(me + 1) * BATCH]
+        res["single_process_fp8_output_calc_diff"] = calc_diff(y8, grads["output"][1])
+    for key, (got, want) in grads.items():
+        res[f"{key}_calc_diff"] = calc_diff(got, want)
+        if not res[f"{key}_calc_diff"] < tol:
+            raise AssertionError(f"{name} rank {me}: {key} calc_diff {res[f'{key}_calc_diff']:.3g} >= {tol}")
+    ex.close()
+    return res
+
+
+def run_mismatch_case(comm: MPI.Comm) -> dict:
+    """Rank 0 of ``comm`` sends rows in a format rank 1 does not expect, once with a counts round and
+    once with the rows known in advance; rank 1 must raise WireMismatch both times."""
+    me = comm.Get_rank()
+    ex = Exchange(comm, Progress(timeout_s=30), name="ep-mismatch", comm_name="ep2")
+    fp8 = (Field("hidden", (WIRE_HIDDEN,), torch.float8_e4m3fn), Field("scale", (2,), torch.float32))
+    bf16 = (Field("hidden", (WIRE_HIDDEN,), torch.bfloat16),)
+    caught = []
+    for recv_rows in (None, {0: 1}):
+        if me == 0:
+            rows = (torch.zeros(1, WIRE_HIDDEN, dtype=torch.float8_e4m3fn), torch.ones(1, 2))
+            ex.start({1: rows}, [], bf16, send_fields=fp8, recv_rows=recv_rows and {}).wait()
+        else:
+            try:
+                ex.start({}, [0], bf16, recv_rows=recv_rows).wait()
+            except WireMismatch as exc:
+                caught.append(str(exc))
+        comm.Barrier()
+    if me == 1 and len(caught) != 2:
+        raise AssertionError(f"wire-mismatch: {len(caught)} of 2 mismatches raised: {caught}")
+    return {"case": "wire-mismatch", "messages": caught}
+
+
 class _RaiseInDispatch(Actor):
     role = "ep-moe"
 
@@ -208,12 +453,19 @@ def main() -> None:
                run_case(world, "ep4-maxnodes1", nodes=2, per_node=2, topk_groups=1, num_replicas=8)]
     pair = world.Split(world.Get_rank() // 2, world.Get_rank())
     ep2 = run_case(pair, "ep2", nodes=2, per_node=1, topk_groups=2, num_replicas=8)
+    wire = (run_wire_case(pair, "wire-fp8", ["fp8", "fp8"]) if world.Get_rank() < 2
+            else run_wire_case(pair, "wire-mixed", ["fp8", "bf16"]))
+    mismatch = run_mismatch_case(pair) if world.Get_rank() >= 2 else None
     pair.Free()
-    ep2_all = world.gather(ep2)
+    ep2_all, wire_all, mismatch_all = world.gather(ep2), world.gather(wire), world.gather(mismatch)
     if world.Get_rank() == 0:
         with open(f"{LOG_DIR}/ep-results.jsonl", "a") as fh:
             for r in results + [dict(ep2_all[0], group_ranks=[0, 1]), dict(ep2_all[2], group_ranks=[2, 3])]:
                 fh.write(json.dumps(r) + "\n")
+        with open(f"{LOG_DIR}/ep-wire-results.jsonl", "a") as fh:
+            for r, w in enumerate(wire_all):
+                fh.write(json.dumps(dict(w, rank=r)) + "\n")
+            fh.write(json.dumps(mismatch_all[3]) + "\n")
     print(f"rank {world.Get_rank()}: all ep checks ok", flush=True)
 
 

@@ -1,8 +1,8 @@
-"""The wire format: a small msgpack header followed by the tensor's raw bytes.
+"""The wire format of dynamic messages: a fixed-layout binary header followed by the tensor's raw bytes.
 
 A message on channel ``c`` between two ranks is one or two MPI messages:
 
-* the *header message* on tag ``2c``: ``[u16 header length][msgpack header][inline payload]``;
+* the *header message* on tag ``2c``: ``[header, HEADER_SIZE bytes][inline payload]``;
 * for payloads larger than :data:`INLINE_MAX` bytes, a *payload message* on tag ``2c + 1`` that
   holds the tensor's contiguous bytes, received straight into the destination tensor.
 
@@ -11,43 +11,61 @@ message, not two. Whether a payload is inline depends only on its size, so a rec
 the shape in advance knows which form will arrive. Tensors are never pickled: the header carries
 dtype and shape, the payload is the tensor's memory.
 
-Header fields (a msgpack array, in this order; see ``docs/runtime.md``):
-``version, kind, src, dst, channel, mb, chunk, dir, dtype, shape, seq, nbytes``.
+The header is one little-endian C struct (:data:`HEADER`), written with one ``pack_into`` into a
+buffer the sender reuses and read with one ``unpack_from``: a self-describing encoding (msgpack)
+cost ~20 us per message in Python, most of a small message's time. Its vocabulary is the
+transport's, not any one user's: a ``channel`` (stream id), a per-stream ``seq``, a ``kind`` code
+and a ``key`` of :data:`KEY_LEN` integers whose meaning the sender and receiver agree on (the
+pipeline puts microbatch, chunk and direction there). Fields, in order (see ``docs/runtime.md``):
+``magic, version, kind, dtype, ndim, channel, src, dst, seq, key[3], nbytes, shape[MAX_NDIM]``.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from typing import NoReturn
+from operator import itemgetter
 
-import msgpack
 import numpy as np
 import torch
 
 __all__ = [
     "VERSION",
+    "MAGIC",
     "INLINE_MAX",
-    "HEADER_MAX",
+    "HEADER",
+    "HEADER_SIZE",
+    "MAX_NDIM",
+    "KEY_LEN",
     "KINDS",
     "DTYPES",
     "Header",
     "EnvelopeError",
-    "pack_header",
+    "pack_header_into",
     "unpack_header",
     "tensor_bytes",
     "dtype_code",
     "itemsize",
 ]
 
-VERSION = 1
-"""Wire-format version; a receiver rejects any other."""
+VERSION = 2
+"""Wire-format version; a receiver rejects any other (1 was the msgpack header)."""
+
+MAGIC = 0x5048
+"""First two bytes of every header ('HP'): a message that is not a header is named as such."""
 
 INLINE_MAX = 16 * 1024
 """Payloads up to this many bytes travel inside the header message."""
 
-HEADER_MAX = 1024
-"""Upper bound of the encoded header itself (a shape of up to ~60 dims fits)."""
+MAX_NDIM = 8
+"""Most dims a dynamic message's tensor may have (unused shape slots travel as zeros)."""
+
+KEY_LEN = 3
+"""Integers in a header's ``key`` (int32 each)."""
+
+HEADER = struct.Struct(f"<HBBBBHiiQ{KEY_LEN}iq{MAX_NDIM}q")
+"""magic, version, kind, dtype, ndim, channel, src, dst, seq, key[KEY_LEN], nbytes, shape[MAX_NDIM]."""
+HEADER_SIZE = HEADER.size
 
 KINDS = ("data", "act", "grad", "ctrl", "error")
 """Message kinds: generic data, pipeline activation, pipeline gradient, control, error report."""
@@ -71,9 +89,11 @@ _DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
 _NUMPY_NATIVE = frozenset({torch.float32, torch.float64, torch.float16, torch.int8, torch.uint8, torch.int16,
                            torch.int32, torch.int64, torch.bool})
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in DTYPES}
+_ITEMSIZE_BY_CODE = tuple(_ITEMSIZE[dt] for dt in DTYPES)
+_PAD = tuple((0,) * (MAX_NDIM - n) for n in range(MAX_NDIM + 1))  # unused shape slots, by ndim
 _NUM_KINDS, _NUM_DTYPES = len(KINDS), len(DTYPES)
-_LEN = struct.Struct("<H")
-_packer = msgpack.Packer(use_bin_type=True)
+_KEY_END = 9 + KEY_LEN  # index of nbytes in the unpacked tuple; shape follows
 
 
 class EnvelopeError(ValueError):
@@ -90,58 +110,141 @@ def dtype_code(dtype: torch.dtype) -> int:
         ) from None
 
 
-class Header:
-    """What a message says about itself. A plain slots class: it is built twice per message on
-    the latency-critical path, where a frozen dataclass's ``__init__`` costs several microseconds.
-
-    Fields: ``kind`` (one of :data:`KINDS`), ``src``/``dst`` (ranks in the communicator),
-    ``channel`` (logical stream; messages on one channel arrive in send order), ``dtype`` and
-    ``shape`` of the payload, ``seq`` (per-(src, dst, channel) sequence number 0, 1, 2, ...; a gap
-    means a lost or crossed message), ``mb`` (microbatch id, -1: none), ``chunk`` (model chunk on
-    the rank), ``dir`` (pipeline direction: 0 first rank -> last, 1 last -> first), and the derived
-    ``nbytes``.
-    """
-
-    __slots__ = ("kind", "src", "dst", "channel", "dtype", "shape", "seq", "mb", "chunk", "dir", "nbytes")
-
-    def __init__(self, *, kind: str, src: int, dst: int, channel: int, dtype: torch.dtype,
-                 shape: tuple[int, ...], seq: int, mb: int = -1, chunk: int = 0, dir: int = 0):
-        size = _ITEMSIZE.get(dtype)
-        if size is None:
-            dtype_code(dtype)  # raises, naming the dtype and the supported ones
-        # one assignment per slot: tuple-packed assignments cost ~0.3 us more per header
-        self.kind = kind
-        self.src = src
-        self.dst = dst
-        self.channel = channel
-        self.dtype = dtype
-        self.shape = shape
-        self.seq = seq
-        self.mb = mb
-        self.chunk = chunk
-        self.dir = dir
-        self.nbytes = math.prod(shape) * size
-
-    @property
-    def inline(self) -> bool:
-        return self.nbytes <= INLINE_MAX
-
-    def _key(self) -> tuple:
-        return tuple(getattr(self, f) for f in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Header) and self._key() == other._key()
-
-    def __repr__(self) -> str:
-        return "Header(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__) + ")"
-
-
-_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in DTYPES}
-
-
 def itemsize(dtype: torch.dtype) -> int:
     """Bytes per element of a dtype the format carries."""
     return _ITEMSIZE[dtype]
+
+
+class Header(tuple):
+    """What a message says about itself: the tuple of :data:`HEADER`'s fields in wire order, so
+    that encoding is one ``pack_into(*header)`` and decoding one ``unpack_from`` with no object
+    built field by field (a message makes one per end; a slots class cost ~2 us to build here).
+
+    Fields: ``kind`` (one of :data:`KINDS`), ``src``/``dst`` (ranks in the communicator),
+    ``channel`` (logical stream; messages on one channel arrive in send order), ``seq``
+    (per-(src, dst, channel) sequence number 0, 1, 2, ...; a gap means a lost or crossed message),
+    ``key`` (:data:`KEY_LEN` ints the two ends agree on), ``dtype`` and ``shape`` of the payload,
+    and the derived ``nbytes``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, *, kind: str, src: int, dst: int, channel: int, seq: int, key: tuple[int, ...],
+                dtype: torch.dtype, shape: tuple[int, ...]) -> Header:
+        dt = _DTYPE_CODE.get(dtype)
+        if dt is None:
+            dtype_code(dtype)  # raises, naming the dtype and the supported ones
+        kc = _KIND_CODE.get(kind)
+        if kc is None:
+            raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
+        ndim = len(shape)
+        if ndim > MAX_NDIM:
+            raise ValueError(f"shape {shape} has {ndim} dims: a message carries at most MAX_NDIM={MAX_NDIM} "
+                             f"(reshape before sending)")
+        if len(key) != KEY_LEN:
+            raise ValueError(f"key {key}: must be {KEY_LEN} integers")
+        return tuple.__new__(cls, (MAGIC, VERSION, kc, dt, ndim, channel, src, dst, seq, *key,
+                                   math.prod(shape) * _ITEMSIZE_BY_CODE[dt], *shape, *_PAD[ndim]))
+
+    channel = property(itemgetter(5))
+    src = property(itemgetter(6))
+    dst = property(itemgetter(7))
+    seq = property(itemgetter(8))
+    nbytes = property(itemgetter(_KEY_END))
+    key = property(itemgetter(slice(9, _KEY_END)))
+
+    @property
+    def kind(self) -> str:
+        return KINDS[self[2]]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self[3]]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self[_KEY_END + 1 : _KEY_END + 1 + self[4]]
+
+    @property
+    def inline(self) -> bool:
+        return self[_KEY_END] <= INLINE_MAX
+
+    def __repr__(self) -> str:
+        return (f"Header(kind={self.kind!r}, src={self.src}, dst={self.dst}, channel={self.channel}, seq={self.seq}, "
+                f"key={self.key}, dtype={self.dtype}, shape={self.shape}, nbytes={self.nbytes})")
+
+
+def pack_header_into(buf, h: Header, payload=None) -> int:
+    """Encode ``h`` at the start of writable ``buf``, then ``payload`` when inline; returns the
+    message's length in bytes.
+
+    ``payload`` is the tensor's bytes as any flat buffer: :func:`tensor_bytes`, or an mpi4py buffer.
+    ``buf`` must hold ``HEADER_SIZE`` bytes, plus ``nbytes`` for an inline payload.
+    """
+    HEADER.pack_into(buf, 0, *h)
+    nbytes = h[_KEY_END]
+    if nbytes > INLINE_MAX:
+        return HEADER_SIZE
+    end = HEADER_SIZE + nbytes
+    if nbytes:
+        view = memoryview(payload).cast("B")
+        if len(view) != nbytes:
+            raise ValueError(f"inline payload has {len(view)} bytes, header says {nbytes}")
+        memoryview(buf)[HEADER_SIZE:end] = view
+    return end
+
+
+def unpack_header(buf, count: int, *, src: int, tag: int) -> tuple[Header, memoryview]:
+    """Decode a received header message of ``count`` bytes.
+
+    Returns the header and the inline payload bytes (empty for a separate payload). Raises
+    :class:`EnvelopeError` naming the sender, tag and offending field for anything malformed.
+    """
+    if count < HEADER_SIZE:
+        raise EnvelopeError(f"message from rank {src} tag {tag}: truncated header, {count} bytes where a header "
+                            f"has {HEADER_SIZE}")
+    f = HEADER.unpack_from(buf, 0)
+    magic, version, kind, dt, ndim, _, hsrc = f[:7]
+    # One combined test on the hot path; _explain re-runs the checks one by one to name the field.
+    if not (magic == MAGIC and version == VERSION and kind < _NUM_KINDS and dt < _NUM_DTYPES and ndim <= MAX_NDIM
+            and hsrc == src):
+        _explain(f, src, tag)
+    shape = f[_KEY_END + 1 : _KEY_END + 1 + ndim]
+    if (ndim and min(shape) < 0) or (ndim < MAX_NDIM and any(f[_KEY_END + 1 + ndim :])):
+        _explain(f, src, tag)
+    nbytes = f[_KEY_END]
+    size = math.prod(shape) * _ITEMSIZE_BY_CODE[dt]
+    if size != nbytes:
+        raise EnvelopeError(f"message from rank {src} tag {tag}: field 'nbytes' is {nbytes} but shape {shape} x "
+                            f"{DTYPES[dt]} is {size} bytes")
+    if count - HEADER_SIZE != (nbytes if nbytes <= INLINE_MAX else 0):
+        if nbytes <= INLINE_MAX:
+            raise EnvelopeError(f"message from rank {src} tag {tag}: payload size {count - HEADER_SIZE} bytes "
+                                f"disagrees with field 'nbytes'={nbytes}")
+        raise EnvelopeError(f"message from rank {src} tag {tag}: {count - HEADER_SIZE} stray bytes after a header "
+                            f"whose payload travels separately")
+    return tuple.__new__(Header, f), memoryview(buf)[HEADER_SIZE:count]
+
+
+def _explain(f: tuple, src: int, tag: int) -> None:
+    """Raise the EnvelopeError naming the first header field that :func:`unpack_header`'s combined check rejected."""
+    where = f"message from rank {src} tag {tag}"
+    magic, version, kind, dt, ndim, _, hsrc = f[:7]
+    if magic != MAGIC:
+        raise EnvelopeError(f"{where}: field 'magic' is {magic:#06x}, expected {MAGIC:#06x} (not a message header)")
+    if version != VERSION:
+        raise EnvelopeError(f"{where}: field 'version' is {version!r}, this runtime speaks version {VERSION}")
+    if kind >= _NUM_KINDS:
+        raise EnvelopeError(f"{where}: field 'kind' code {kind} is unknown")
+    if dt >= _NUM_DTYPES:
+        raise EnvelopeError(f"{where}: field 'dtype' code {dt} is unknown")
+    if ndim > MAX_NDIM:
+        raise EnvelopeError(f"{where}: field 'ndim' is {ndim}, at most {MAX_NDIM}")
+    if hsrc != src:
+        raise EnvelopeError(f"{where}: field 'src' says rank {hsrc}")
+    dims = f[_KEY_END + 1 :]
+    raise EnvelopeError(f"{where}: field 'shape' must be {ndim} non-negative sizes followed by zeros, got "
+                        f"{list(dims)}")
 
 
 def tensor_bytes(t: torch.Tensor) -> np.ndarray:
@@ -154,87 +257,3 @@ def tensor_bytes(t: torch.Tensor) -> np.ndarray:
     if t.dtype in _NUMPY_NATIVE:  # the cheaper route on the hot path: no torch view op
         return t.numpy().reshape(-1).view(np.uint8)
     return t.reshape(-1).view(torch.uint8).numpy()
-
-
-def pack_header(h: Header, payload=None) -> bytes:
-    """Encode ``h`` into a header message; appends ``payload`` when inline.
-
-    ``payload`` is the tensor's bytes as any flat buffer: :func:`tensor_bytes`, or an mpi4py buffer.
-    """
-    body = _packer.pack([VERSION, _KIND_CODE[h.kind], h.src, h.dst, h.channel, h.mb, h.chunk, h.dir,
-                         _DTYPE_CODE[h.dtype], h.shape, h.seq, h.nbytes])
-    if len(body) > HEADER_MAX:
-        raise ValueError(f"header of {len(body)} bytes exceeds HEADER_MAX={HEADER_MAX}: shape {h.shape} has too many dims")
-    if h.inline:
-        raw = b"" if payload is None else bytes(payload)
-        if len(raw) != h.nbytes:
-            raise ValueError(f"inline payload has {len(raw)} bytes, header says {h.nbytes}")
-        return b"".join((_LEN.pack(len(body)), body, raw))
-    return _LEN.pack(len(body)) + body
-
-
-def unpack_header(buf: memoryview | bytes | np.ndarray, count: int, *, src: int, tag: int) -> tuple[Header, memoryview]:
-    """Decode a received header message of ``count`` bytes.
-
-    Returns the header and the inline payload bytes (empty for a separate payload). Raises
-    :class:`EnvelopeError` naming the sender, tag and offending field for anything malformed.
-    """
-    if count < _LEN.size:
-        raise EnvelopeError(f"message from rank {src} tag {tag}: truncated, {count} bytes is shorter than the length prefix")
-    (hlen,) = _LEN.unpack_from(buf, 0)
-    end = _LEN.size + hlen
-    if end > count:
-        raise EnvelopeError(f"message from rank {src} tag {tag}: truncated header, length prefix says {hlen} bytes, "
-                            f"{count - _LEN.size} present")
-    try:
-        fields = msgpack.unpackb(buf[_LEN.size : end])
-    except Exception as exc:  # msgpack raises several unrelated types for garbage input
-        raise EnvelopeError(f"message from rank {src} tag {tag}: header is not valid msgpack "
-                            f"({type(exc).__name__}: {exc})") from None
-    # One cheap combined test on the hot path; _explain re-runs the checks one by one to name the field.
-    if type(fields) is not list or len(fields) != 12:
-        _explain(fields, src, tag)
-    version, kind, hsrc, hdst, channel, mb, chunk, direction, dt, shape, seq, nbytes = fields
-    if not (type(version) is type(kind) is type(hsrc) is type(hdst) is type(channel) is type(mb) is type(chunk)
-            is type(direction) is type(dt) is type(seq) is type(nbytes) is int and type(shape) is list
-            and version == VERSION and 0 <= kind < _NUM_KINDS and 0 <= dt < _NUM_DTYPES and hsrc == src):
-        _explain(fields, src, tag)
-    for d in shape:
-        if type(d) is not int or d < 0:
-            _explain(fields, src, tag)
-    h = Header(kind=KINDS[kind], src=hsrc, dst=hdst, channel=channel, dtype=DTYPES[dt], shape=tuple(shape),
-               seq=seq, mb=mb, chunk=chunk, dir=direction)
-    if h.nbytes != nbytes:
-        raise EnvelopeError(f"message from rank {src} tag {tag}: field 'nbytes' is {nbytes} but shape {h.shape} x "
-                            f"{h.dtype} is {h.nbytes} bytes")
-    inline = memoryview(buf)[end:count]
-    if len(inline) != (nbytes if nbytes <= INLINE_MAX else 0):
-        if nbytes <= INLINE_MAX:
-            raise EnvelopeError(f"message from rank {src} tag {tag}: payload size {len(inline)} bytes disagrees "
-                                f"with field 'nbytes'={nbytes}")
-        raise EnvelopeError(f"message from rank {src} tag {tag}: {len(inline)} stray bytes after a header whose "
-                            f"payload travels separately")
-    return h, inline
-
-
-_INT_FIELDS = ("version", "kind", "src", "dst", "channel", "mb", "chunk", "dir", "dtype", None, "seq", "nbytes")
-
-
-def _explain(fields: object, src: int, tag: int) -> NoReturn:
-    """Raise the EnvelopeError naming the first header field that :func:`unpack_header`'s combined check rejected."""
-    where = f"message from rank {src} tag {tag}"
-    if type(fields) is not list or len(fields) != 12:
-        raise EnvelopeError(f"{where}: header must be a 12-field array, got {type(fields).__name__} {fields!r:.80}")
-    for name, value in zip(_INT_FIELDS, fields):
-        if name is not None and type(value) is not int:
-            raise EnvelopeError(f"{where}: field {name!r} must be an integer, got {value!r:.40}")
-    version, kind, hsrc, _, _, _, _, _, dt, shape, _, _ = fields
-    if version != VERSION:
-        raise EnvelopeError(f"{where}: field 'version' is {version!r}, this runtime speaks version {VERSION}")
-    if not 0 <= kind < len(KINDS):
-        raise EnvelopeError(f"{where}: field 'kind' code {kind} is unknown")
-    if not 0 <= dt < len(DTYPES):
-        raise EnvelopeError(f"{where}: field 'dtype' code {dt} is unknown")
-    if hsrc != src:
-        raise EnvelopeError(f"{where}: field 'src' says rank {hsrc}")
-    raise EnvelopeError(f"{where}: field 'shape' must be a list of non-negative integers, got {shape!r:.80}")

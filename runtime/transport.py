@@ -40,27 +40,30 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
 from runtime import spans
 from runtime.envelope import (
-    HEADER_MAX,
+    HEADER_SIZE,
     INLINE_MAX,
-    KINDS,
     EnvelopeError,
     Header,
     dtype_code,
     itemsize,
-    pack_header,
+    pack_header_into,
     unpack_header,
 )
 from runtime.progress import CommTimeout, Progress
 
 __all__ = ["TransportConfig", "Transport", "SendHandle", "RecvHandle", "CommTimeout"]
 
-_HDR_BUF = 2 + HEADER_MAX + INLINE_MAX
+_HDR_BUF = HEADER_SIZE + INLINE_MAX
+KEY_FIELDS = ("mb", "chunk", "dir")
+"""What this transport's API, spans and reports call the header's ``key`` integers, in order:
+microbatch (-1: none), the sender's model chunk, pipeline direction."""
+_KEY_INDEX = {name: i for i, name in enumerate(KEY_FIELDS)}
+_EXPECT_FIELDS = frozenset({"kind", *KEY_FIELDS})
 
 
 def _wire(t: torch.Tensor) -> MPI.buffer:
@@ -123,8 +126,9 @@ class SendHandle:
     def describe(self) -> dict:
         """This send's line in the pending-operation report."""
         hd = self.header
-        return {"op": "send", "peer": self.peer, "channel": hd.channel, "kind": hd.kind, "mb": hd.mb,
-                "dir": hd.dir, "chunk": hd.chunk, "seq": hd.seq, "nbytes": hd.nbytes,
+        mb, chunk, dir = hd.key
+        return {"op": "send", "peer": self.peer, "channel": hd.channel, "kind": hd.kind, "mb": mb,
+                "dir": dir, "chunk": chunk, "seq": hd.seq, "nbytes": hd.nbytes,
                 "state": "unmatched" if self._sync else "posted",
                 "age_s": round((time.monotonic_ns() - self.t_post) / 1e9, 3)}
 
@@ -132,8 +136,8 @@ class SendHandle:
 class RecvHandle:
     """A posted receive. ``done`` once the tensor is in ``tensor``; ``header`` is set on arrival."""
 
-    __slots__ = ("peer", "channel", "shape", "dtype", "expect", "seq", "tensor", "header", "hdr_buf",
-                 "open", "payload_posted", "t_post", "t_done", "on_done", "_tp")
+    __slots__ = ("peer", "channel", "shape", "dtype", "nbytes", "expect", "seq", "tensor", "header", "hdr_buf",
+                 "open", "t_post", "t_done", "on_done", "_tp")
 
     def __init__(self, tp: Transport, peer: int, channel: int, shape, dtype, out, expect, seq: int):
         self._tp = tp
@@ -141,13 +145,14 @@ class RecvHandle:
         self.channel = channel
         self.shape = shape
         self.dtype = dtype
+        # payload size when the shape is known (decides inline or not before the header lands), else -1
+        self.nbytes = -1 if shape is None else math.prod(shape) * itemsize(dtype)
         self.expect = expect
         self.seq = seq  # the stream position this receive matches: stamped when posted
         self.tensor: torch.Tensor | None = out
         self.header: Header | None = None
-        self.hdr_buf: np.ndarray | None = None
+        self.hdr_buf: bytearray | None = None
         self.open = 0
-        self.payload_posted = False
         self.t_post = time.monotonic_ns()
         self.t_done = 0
         self.on_done: Callable[[RecvHandle], None] | None = None
@@ -155,14 +160,6 @@ class RecvHandle:
     @property
     def done(self) -> bool:
         return self.header is not None and self.open == 0
-
-    @property
-    def known(self) -> bool:
-        return self.shape is not None
-
-    @property
-    def known_inline(self) -> bool:
-        return self.known and math.prod(self.shape) * itemsize(self.dtype) <= INLINE_MAX
 
     def _part_done(self, part: int, status: MPI.Status) -> None:
         if part == 0:
@@ -183,7 +180,7 @@ class RecvHandle:
         """This receive's line in the pending-operation report."""
         e = self.expect or {}
         return {"op": "recv", "peer": self.peer, "channel": self.channel, "kind": e.get("kind"),
-                "mb": e.get("mb", self.header.mb if self.header else None), "dir": e.get("dir"),
+                "mb": e.get("mb", self.header.key[0] if self.header else None), "dir": e.get("dir"),
                 "chunk": e.get("chunk"), "seq": self.seq, "state": "payload" if self.header else "header",
                 "age_s": round((time.monotonic_ns() - self.t_post) / 1e9, 3)}
 
@@ -191,12 +188,13 @@ class RecvHandle:
 class _Stream:
     """State of one (peer, channel): sequence numbers, the FIFO of receives, the open sync marker."""
 
-    __slots__ = ("send_seq", "recv_seq", "recvs", "sync")
+    __slots__ = ("send_seq", "recv_seq", "recvs", "unposted", "sync")
 
     def __init__(self) -> None:
         self.send_seq = 0
         self.recv_seq = 0  # sequence number the next posted receive will expect
         self.recvs: deque[RecvHandle] = deque()  # posted, header not yet arrived or payload open
+        self.unposted: deque[RecvHandle] = deque()  # in stream order: payload receive not yet posted
         self.sync: SendHandle | None = None  # the last synchronous header send, until matched
 
 
@@ -217,7 +215,8 @@ class Transport:
         self.engine = engine or Progress(self.config.timeout_s)
         self._on_span = on_span
         self._streams: dict[tuple[int, int], _Stream] = {}
-        self._buf_pool: list[np.ndarray] = []
+        self._buf_pool: list[bytearray] = []  # receive buffers of header messages
+        self._stage_pool: list[bytearray] = []  # send buffers of header messages (header + inline payload)
         self._sends: set[SendHandle] = set()
         self._channels: list = []  # schedule-known channels made here (freed by close)
         self.engine.register(self)
@@ -267,10 +266,9 @@ class Transport:
               mb: int = -1, chunk: int = 0, dir: int = 0) -> SendHandle:
         """Post ``tensor`` to ``peer`` on ``channel``; returns at once (unless backpressured).
 
-        The tensor must not be modified until the handle is done (its memory is sent in place).
+        ``mb``, ``chunk``, ``dir`` travel as the header's ``key`` (:data:`KEY_FIELDS`). The tensor
+        must not be modified until the handle is done (its memory is sent in place).
         """
-        if kind not in KINDS:
-            raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
         if not tensor.is_cpu:
             raise ValueError(f"isend: tensor on {tensor.device}; this transport moves host memory, copy it to CPU first")
         s = self._streams.get((peer, channel)) or self._stream(peer, channel)
@@ -281,28 +279,33 @@ class Transport:
             self.engine.wait(lambda: prev.done, lambda: f"rank {self.rank}: send to rank {peer} channel {channel} "
                              f"stayed backpressured ({self.config.max_inflight} messages after seq {prev.header.seq}, "
                              f"which was not matched)")
-        h = Header(kind=kind, src=self.rank, dst=peer, channel=channel, dtype=tensor.dtype,
-                   shape=tuple(tensor.shape), seq=seq, mb=mb, chunk=chunk, dir=dir)
-        s.send_seq = seq + 1
+        h = Header(kind=kind, src=self.rank, dst=peer, channel=channel, seq=seq, key=(mb, chunk, dir),
+                   dtype=tensor.dtype, shape=tuple(tensor.shape))
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
         payload = _wire(tensor)
-        msg = pack_header(h, payload if h.inline else None)
-        handle = SendHandle(self, h, (msg, tensor), sync)
-        if not h.inline:
+        inline = h.inline
+        stage = self._stage_pool.pop() if self._stage_pool else bytearray(_HDR_BUF)
+        n = pack_header_into(stage, h, payload if inline else None)
+        s.send_seq = seq + 1
+        handle = SendHandle(self, h, (stage, tensor), sync)
+        if not inline:
             self.engine.add(self.comm.Isend([payload, MPI.BYTE], peer, 2 * channel + 1), handle, 1)
             handle.open = 1
         if sync:
-            self.engine.add(self.comm.Issend([msg, MPI.BYTE], peer, 2 * channel), handle, 0)
+            self.engine.add(self.comm.Issend([stage, n, MPI.BYTE], peer, 2 * channel), handle, 0)
             handle.open += 1
             s.sync = handle
         else:
             # an eager header is complete when Isend returns: tested at once, it never enters the
             # engine's request list
-            req = self.comm.Isend([msg, MPI.BYTE], peer, 2 * channel)
+            req = self.comm.Isend([stage, n, MPI.BYTE], peer, 2 * channel)
             if not req.Test():
                 self.engine.add(req, handle, 0)
                 handle.open += 1
+            elif inline:
+                self._stage_pool.append(stage)  # MPI is done with it: the next send reuses it
+                handle.keep = ()
         if handle.open == 0:
             self._send_done(handle)
         else:
@@ -316,9 +319,11 @@ class Transport:
 
         Give ``shape`` and ``dtype`` (or a contiguous ``out`` tensor to fill) when known: the payload
         is then received straight into that memory and the header must agree. ``expect`` maps header
-        fields (``kind``, ``mb``, ``chunk``, ``dir``) to required values; a mismatch raises
-        EnvelopeError naming the field.
+        fields (``kind`` and :data:`KEY_FIELDS`: ``mb``, ``chunk``, ``dir``) to required values; a
+        mismatch raises EnvelopeError naming the field.
         """
+        if expect and not _EXPECT_FIELDS.issuperset(expect):
+            raise ValueError(f"irecv: expect={expect}: fields must be among {sorted(_EXPECT_FIELDS)}")
         if out is not None:
             if not out.is_cpu or not out.is_contiguous():
                 raise ValueError("irecv: out must be a contiguous CPU tensor")
@@ -331,29 +336,35 @@ class Transport:
         h = RecvHandle(self, peer, channel, tuple(shape) if shape is not None else None, dtype, out, expect,
                        s.recv_seq)
         s.recv_seq += 1
-        h.hdr_buf = self._buf_pool.pop() if self._buf_pool else np.empty(_HDR_BUF, np.uint8)
-        self.engine.add(self.comm.Irecv([h.hdr_buf, MPI.BYTE], peer, 2 * channel), h, 0)
-        h.open = 1
+        buf = h.hdr_buf = self._buf_pool.pop() if self._buf_pool else bytearray(_HDR_BUF)
+        self.engine.add(self.comm.Irecv([buf, MPI.BYTE], peer, 2 * channel), h, 0)
+        # open parts: the header, and a separate payload from when its size is known (posted or not)
+        h.open = 2 if h.nbytes > INLINE_MAX else 1
         s.recvs.append(h)
-        self._post_payloads(s)
+        if s.unposted or shape is None:
+            s.unposted.append(h)
+            self._post_payloads(s)
+        elif h.nbytes > INLINE_MAX:
+            self._post_payload(h)
         return h
 
     def _post_payloads(self, s: _Stream) -> None:
         """Post payload receives in stream order for every receive whose size is now known."""
-        for h in s.recvs:
-            if h.payload_posted:
-                continue
-            if h.header is None and not h.known:
-                break  # its size is unknown until its header lands; later ones must wait behind it
-            size_known_inline = h.header.inline if h.header is not None else h.known_inline
-            h.payload_posted = True
-            if size_known_inline:
-                continue
-            if h.tensor is None:
-                h.tensor = torch.empty(h.shape if h.header is None else h.header.shape,
-                                       dtype=h.dtype if h.header is None else h.header.dtype)
-            self.engine.add(self.comm.Irecv([_wire(h.tensor), MPI.BYTE], h.peer, 2 * h.channel + 1), h, 1)
-            h.open += 1
+        unposted = s.unposted
+        while unposted:
+            h = unposted[0]
+            if h.header is None and h.shape is None:
+                return  # its size is unknown until its header lands; later ones must wait behind it
+            unposted.popleft()
+            if (h.header.nbytes if h.header is not None else h.nbytes) > INLINE_MAX:
+                self._post_payload(h)
+
+    def _post_payload(self, h: RecvHandle) -> None:
+        """Post ``h``'s separate payload receive (its turn in the stream has come; ``h.open`` counts it already)."""
+        if h.tensor is None:
+            hd = h.header
+            h.tensor = torch.empty(h.shape if hd is None else hd.shape, dtype=h.dtype if hd is None else hd.dtype)
+        self.engine.add(self.comm.Irecv([_wire(h.tensor), MPI.BYTE], h.peer, 2 * h.channel + 1), h, 1)
 
     # ------------------------------------------------------------------ completion
     def progress(self) -> int:
@@ -363,14 +374,15 @@ class Transport:
 
     def _send_done(self, h: SendHandle) -> None:
         h.t_done = time.monotonic_ns()
-        h.keep = ()
+        if h.keep:
+            self._stage_pool.append(h.keep[0])
+            h.keep = ()
         self._sends.discard(h)
         if self._on_span is not None:
             self._span(spans.SEND, h.t_post, h.t_done, h.header)
 
     def _header_arrived(self, h: RecvHandle, count: int) -> None:
         h.open -= 1
-        s = self._streams[(h.peer, h.channel)]
         header, inline = unpack_header(h.hdr_buf, count, src=h.peer, tag=2 * h.channel)
         if header.dst != self.rank or header.channel != h.channel or header.seq != h.seq:
             self._reject(h, header, "dst", self.rank)
@@ -392,14 +404,18 @@ class Transport:
                 h.tensor = torch.empty(header.shape, dtype=header.dtype)
         self._buf_pool.append(h.hdr_buf)
         h.hdr_buf = None
-        self._post_payloads(s)
-        if h.done:
+        if h.shape is None:  # its size is known now: it and the receives behind it may post payloads
+            if not header.inline:
+                h.open += 1
+            self._post_payloads(self._streams[(h.peer, h.channel)])
+        if h.open == 0:
             self._recv_done(h)
 
     @staticmethod
     def _reject(h: RecvHandle, header: Header, field: str, want, note: str = "") -> None:
         """Raise EnvelopeError if ``header.field`` is not ``want`` (messages built only on error)."""
-        got = getattr(header, field)
+        i = _KEY_INDEX.get(field)
+        got = getattr(header, field) if i is None else header.key[i]
         if got != want:
             raise EnvelopeError(f"message from rank {h.peer} channel {h.channel} seq {header.seq}: field "
                                 f"{field!r} is {got!r}, expected {want!r}{note}")
@@ -416,20 +432,22 @@ class Transport:
             h.on_done(h)
 
     def _span(self, name: str, t0: int, t1: int, header: Header) -> None:
+        mb, chunk, dir = header.key
         self._on_span(name, t0, t1, peer=header.dst if name == spans.SEND else header.src, channel=header.channel,
-                      kind=header.kind, mb=header.mb, chunk=header.chunk, dir=header.dir, nbytes=header.nbytes,
-                      seq=header.seq)
+                      kind=header.kind, mb=mb, chunk=chunk, dir=dir, nbytes=header.nbytes, seq=header.seq)
 
     # ------------------------------------------------------------------ waiting
     def wait(self, handle: RecvHandle | SendHandle, timeout: float | None = None) -> torch.Tensor | None:
         """Block (inside MPI, every transfer advancing) until ``handle`` is done; returns the
         received tensor (None for a send). Past the deadline: CommTimeout with the pending report."""
+        if handle.done:
+            return handle.tensor if isinstance(handle, RecvHandle) else None
         if isinstance(handle, RecvHandle):
             self.engine.wait(lambda: handle.done, lambda: f"rank {self.rank}: receive from rank {handle.peer} "
                              f"channel {handle.channel} (expect {handle.expect}) got nothing", timeout, handle)
             return handle.tensor
         self.engine.wait(lambda: handle.done, lambda: f"rank {self.rank}: send to rank {handle.peer} channel "
-                         f"{handle.header.channel} mb {handle.header.mb} was not received", timeout, handle)
+                         f"{handle.header.channel} key {handle.header.key} was not received", timeout, handle)
         return None
 
     def recv(self, peer: int, **kwargs) -> torch.Tensor:

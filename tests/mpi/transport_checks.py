@@ -62,7 +62,7 @@ def many_small_in_order() -> None:
         while posted:
             h = posted.pop(0)
             got.append(int(tp.wait(h).item()))
-            assert h.header.mb == got[-1]
+            assert h.header.key[0] == got[-1]  # key = (mb, chunk, dir)
             if len(got) + len(posted) < n:
                 posted.append(tp.irecv(0, channel=3))
         assert got == list(range(n)), got[:10]

@@ -16,6 +16,14 @@ default with ``host:N`` lines, SLURM ``--distribution=block:block``), the number
 With a cluster file naming node kinds, each pipeline rank's precision follows its kind
 (``topology.kinds.KIND_PRECISION``: FP8 on Hopper, BF16 on Ascend/CPU) unless the job's arguments
 set ``--precision`` or ``--rank-precision``.
+
+Supervision (:class:`Head`): as under ``launch.local``, the job runs under the supervisor (for
+``launch.train``; ``--supervise`` for other modules) and next to the progress collector, both on
+the launching (head) node: the launcher command is wrapped in ``python -m launch.supervisor ... --``
+(listening on every interface at ``--port``) and ``python -m launch.collector tcp://*:PORT+1`` runs
+beside it. The ranks on every node learn where they are from ``$HETEROPIPE_SUPERVISOR`` and
+``$HETEROPIPE_TELEMETRY`` (``tcp://HEAD:PORT``, HEAD from ``--head``, default this host's name),
+which the launcher passes to all of them (Open MPI ``-x``, Hydra ``-genv``, ``srun --export=ALL``).
 """
 
 from __future__ import annotations
@@ -23,18 +31,23 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch import collector, supervisor
+from launch.local import SUPERVISED_MODULES
+from launch.supervisor import ENV_ADDRESS, ENV_HEARTBEAT, SupervisorConfig
 from runtime.schedules import Schedule, build
 from topology import Cluster, Layout, cluster_from_hostfile, emulated_cluster, load_cluster
 from topology.kinds import KIND_PRECISION, KINDS
 
-__all__ = ["FLAVORS", "LOCAL_RANK_VAR", "CLUSTERS", "RankRow", "LaunchPlan", "launch_plan", "hostfile_text",
-           "add_cluster_arguments", "cluster_from_args", "main"]
+__all__ = ["FLAVORS", "LOCAL_RANK_VAR", "CLUSTERS", "DEFAULT_PORT", "Head", "RankRow", "LaunchPlan", "launch_plan",
+           "hostfile_text", "add_cluster_arguments", "cluster_from_args", "main"]
 
 FLAVORS = ("openmpi", "mpich", "slurm")
 LOCAL_RANK_VAR = {"openmpi": "OMPI_COMM_WORLD_LOCAL_RANK", "mpich": "MPI_LOCALRANKID", "slurm": "SLURM_LOCALID"}
@@ -44,6 +57,10 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 CLUSTERS = Path(__file__).resolve().parent / "clusters"
 """Shipped cluster files; ``--cluster NAME`` looks here when NAME is not a path."""
+
+DEFAULT_PORT = 29600
+"""The supervisor's TCP port on the head node (the collector takes the next one); fixed rather than
+random so that ``--dry-run`` prints the exact command and a firewall can let the nodes through."""
 
 
 def _read_hostfile(path: Path, kind: str) -> Cluster:
@@ -83,6 +100,32 @@ def cluster_from_args(ns: argparse.Namespace) -> Cluster:
     return emulated_cluster(ns.nodes, ns.devices_per_node, kind=ns.kind)
 
 
+@dataclass(kw_only=True, slots=True)
+class Head:
+    """What runs on the launching (head) node beside the launcher, and where the ranks reach it."""
+
+    host: str
+    """Name or IP address the ranks on every node reach the head node by (``--head``)."""
+    port: int = DEFAULT_PORT
+    """The supervisor's TCP port; the progress collector listens on ``port + 1``."""
+    supervise: SupervisorConfig | None = None
+    """The supervisor's deadlines; None runs the job without a supervisor."""
+    progress: bool = True
+    """Run the progress collector (the live step line on the head node's terminal)."""
+    kill_grace_s: float = supervisor.KILL_GRACE_S
+    """On a verdict the supervisor SIGTERMs the launcher (which takes the remote ranks down) and
+    SIGKILLs it this many seconds later."""
+
+    def __post_init__(self) -> None:
+        if not self.host or any(c.isspace() for c in self.host):
+            raise ValueError(f"head.host={self.host!r}: pass --head with the name or IP address the nodes reach "
+                             f"this one by")
+        if not 0 < self.port < 65535:
+            raise ValueError(f"head.port={self.port}: must be 1-65534 (the collector takes port + 1); pass --port")
+        if not self.kill_grace_s >= 0:
+            raise ValueError(f"head.kill_grace_s={self.kill_grace_s}: must be >= 0 seconds; pass --kill-grace-s")
+
+
 @dataclass(frozen=True, slots=True)
 class RankRow:
     """One rank of the job."""
@@ -107,6 +150,10 @@ class LaunchPlan:
     sbatch: str
     """For slurm: the batch script that holds ``argv``; empty otherwise."""
     rows: tuple[RankRow, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    """(name, value) every rank gets, passed by the launcher (``-x``, ``-genv``, ``srun --export=ALL``)."""
+    collector: tuple[str, ...] = ()
+    """The progress collector's command on the head node; empty without one."""
 
 
 def hostfile_text(cluster: Cluster, flavor: str) -> str:
@@ -140,10 +187,11 @@ def _train_shape(module: str, args: list[str]) -> tuple[int, int, Schedule, str 
 
 def launch_plan(cluster: Cluster, np: int, flavor: str, module: str, args: list[str], *, kinds_known: bool,
                 python: str = "python3", mpirun: str | None = None, run_id: str = "run", root: Path = _ROOT,
-                extra: list[str] | None = None, hostfile_path: str = "hostfile") -> LaunchPlan:
+                extra: list[str] | None = None, hostfile_path: str = "hostfile", head: Head | None = None) -> LaunchPlan:
     """The command and rank table for ``np`` ranks of ``python -m module args`` on ``cluster``.
 
     ``kinds_known``: the cluster came from a file naming node kinds (then precision follows kinds).
+    ``head``: the supervisor and collector on the launching node (None: neither, as before).
     Raises ValueError naming the fix for too few slots, a rank count that does not match a training
     job's pp x ep, and DualPipe mirror ranks of different kinds.
     """
@@ -171,29 +219,26 @@ def launch_plan(cluster: Cluster, np: int, flavor: str, module: str, args: list[
             raise ValueError(f"np={np}: the training job runs pp x ep = {pp} x {ep} = {pp * ep} ranks; set NP={pp * ep} "
                              f"or change --pp/--ep")
         layout = Layout(cluster=cluster, pp=pp, ep=ep, dp=ep)
-        stage_kinds = []
-        for p in range(pp):
-            ks = {layout.place(r).kind for r in range(p * ep, (p + 1) * ep)}
-            if len(ks) > 1 and kinds_known and forced is None:
-                raise ValueError(f"pipeline rank {p} spans device kinds {sorted(ks)}: one precision per pipeline "
-                                 f"rank; order the nodes so each run of ep = {ep} ranks is one kind, or pass "
-                                 f"--precision")
-            stage_kinds.append(sorted(ks)[0])
+        # an EP group may mix kinds (FP8 and BF16 ranks, actors/ep_wire.py): then one precision per rank
+        rank_kinds = [layout.place(r).kind for r in range(np)]
+        per_rank = [KIND_PRECISION.get(k, "bf16") for k in rank_kinds]
         if kinds_known:
             from topology.plan import check_mirror_kinds
 
-            check_mirror_kinds(schedule.name, stage_kinds)
+            for e in range(ep):  # DualPipe's mirror ranks (same ep index) hold the same stages
+                check_mirror_kinds(schedule.name, [rank_kinds[p * ep + e] for p in range(pp)])
         if forced is None and kinds_known:
-            per_pp = [KIND_PRECISION.get(k, "bf16") for k in stage_kinds]
-            args += ["--rank-precision", ",".join(per_pp)]
+            uniform = all(len(set(per_rank[p * ep:(p + 1) * ep])) == 1 for p in range(pp))
+            args += ["--rank-precision", ",".join(per_rank[::ep] if uniform else per_rank)]
         for r in range(np):
             p, e = divmod(r, ep)
             stages = sorted({schedule.stage_of(p, chunk) for chunk in schedule.chunks(p)})
             roles[r] = f"pp{p} stages {'+'.join(map(str, stages))} ep{e}"
             if forced is not None:
-                precision[r] = forced.split(",")[p] if "," in forced else forced
+                entries = forced.split(",")  # one for all, one per pipeline rank, or one per rank
+                precision[r] = entries[r if len(entries) > pp else p] if len(entries) > 1 else forced
             elif kinds_known:
-                precision[r] = KIND_PRECISION.get(stage_kinds[p], "bf16")
+                precision[r] = per_rank[r]
             else:
                 precision[r] = "config"
     rows = tuple(RankRow(rank=r, node=cluster.nodes[node_of[r]].name, local=r - first[node_of[r]],
@@ -201,18 +246,31 @@ def launch_plan(cluster: Cluster, np: int, flavor: str, module: str, args: list[
                          precision=precision[r]) for r in range(np))
     used = sorted({node_of[r] for r in range(np)})
     job = [python, "-m", "mpi4py", "-m", module, *args]
-    pythonpath = str(root)
+    env = [("PYTHONPATH", str(root)), ("HETEROPIPE_RUN_ID", run_id)]
+    supervised = head is not None and head.supervise is not None
+    wrap, collect = [], ()
+    if supervised:
+        env += [(ENV_ADDRESS, f"tcp://{head.host}:{head.port}"), (ENV_HEARTBEAT, str(head.supervise.heartbeat_s))]
+        wrap = supervisor.command(np, head.supervise, port=head.port, advertise=head.host, python=python,
+                                  kill_grace_s=head.kill_grace_s)
+    if head is not None and head.progress:
+        env.append((collector.ENV, f"tcp://{head.host}:{head.port + 1}"))
+        collect = tuple(collector.command(f"tcp://*:{head.port + 1}", python))
+    common = dict(hostfile=hostfile_text(cluster, flavor), rows=rows, env=tuple(env), collector=collect)
     if flavor == "openmpi":
-        argv = [mpirun or "mpirun", "-n", str(np), "--hostfile", hostfile_path, "--map-by", "slot", "--bind-to",
-                "numa", "-x", f"PYTHONPATH={pythonpath}", "-x", f"HETEROPIPE_RUN_ID={run_id}", *(extra or []), *job]
-        return LaunchPlan(flavor=flavor, argv=tuple(argv), hostfile=hostfile_text(cluster, flavor), sbatch="", rows=rows)
+        argv = [*wrap, mpirun or "mpirun", "-n", str(np), "--hostfile", hostfile_path, "--map-by", "slot",
+                "--bind-to", "numa", *(a for k, v in env for a in ("-x", f"{k}={v}")), *(extra or []), *job]
+        return LaunchPlan(flavor=flavor, argv=tuple(argv), sbatch="", **common)
     if flavor == "mpich":
-        argv = [mpirun or "mpiexec", "-n", str(np), "-f", hostfile_path, "-bind-to", "numa", "-genv", "PYTHONPATH",
-                pythonpath, "-genv", "HETEROPIPE_RUN_ID", run_id, *(extra or []), *job]
-        return LaunchPlan(flavor=flavor, argv=tuple(argv), hostfile=hostfile_text(cluster, flavor), sbatch="", rows=rows)
+        # the others stay up when one rank dies, so that they can tell the supervisor what they waited for
+        argv = [*wrap, mpirun or "mpiexec", "-n", str(np), "-f", hostfile_path, "-bind-to", "numa",
+                *(a for k, v in env for a in ("-genv", k, v)), *(["-disable-auto-cleanup"] if supervised else []),
+                *(extra or []), *job]
+        return LaunchPlan(flavor=flavor, argv=tuple(argv), sbatch="", **common)
     sizes = {cluster.nodes[n].num_devices for n in used}
-    argv = [mpirun or "srun", "--mpi=pmix", f"--nodes={len(used)}", f"--ntasks={np}", "--distribution=block:block",
-            "--cpu-bind=ldoms", *(extra or []), *job]
+    # --export=ALL (srun's default, unless the site changed it): the ranks get the variables exported below
+    argv = [*wrap, mpirun or "srun", "--mpi=pmix", f"--nodes={len(used)}", f"--ntasks={np}",
+            "--distribution=block:block", "--cpu-bind=ldoms", "--export=ALL", *(extra or []), *job]
     gpus = sorted(sizes)[-1]
     header = ["#!/bin/bash", "#SBATCH --job-name=heteropipe", f"#SBATCH --nodes={len(used)}", f"#SBATCH --ntasks={np}",
               f"#SBATCH --nodelist={','.join(cluster.nodes[n].name for n in used)}", "#SBATCH --exclusive"]
@@ -220,10 +278,11 @@ def launch_plan(cluster: Cluster, np: int, flavor: str, module: str, args: list[
         header.append(f"#SBATCH --ntasks-per-node={gpus}")
     if any(cluster.nodes[n].kind not in ("cpu",) and not cluster.nodes[n].kind.startswith("ascend") for n in used):
         header.append(f"#SBATCH --gpus-per-node={gpus}")
-    body = [f"export PYTHONPATH={shlex.quote(pythonpath)}", f"export HETEROPIPE_RUN_ID={shlex.quote(run_id)}",
-            shlex.join(argv)]
-    return LaunchPlan(flavor=flavor, argv=tuple(argv), hostfile=hostfile_text(cluster, flavor),
-                      sbatch="\n".join(header + body) + "\n", rows=rows)
+    body = [f"export {k}={shlex.quote(v)}" for k, v in env]
+    if collect:  # the batch script runs on the allocation's first node: the head
+        body += [shlex.join(collect) + " &", "trap 'kill $!' EXIT"]
+    body.append(shlex.join(argv))
+    return LaunchPlan(flavor=flavor, argv=tuple(argv), sbatch="\n".join(header + body) + "\n", **common)
 
 
 def format_table(plan: LaunchPlan) -> str:
@@ -259,6 +318,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mpi-args", default=os.environ.get("EXTRA_MPI_ARGS", ""),
                    help="extra launcher arguments, passed through ($EXTRA_MPI_ARGS)")
     p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    head = p.add_argument_group("supervision and progress on the launching (head) node")
+    head.add_argument("--head", default=None,
+                      help="name or IP address the ranks on every node reach this node by (default: this host's "
+                           "name; slurm: $SLURMD_NODENAME, else the first node, where sbatch runs the script)")
+    head.add_argument("--port", type=int, default=DEFAULT_PORT,
+                      help=f"the supervisor's TCP port on the head node; the collector takes the next one (default "
+                           f"{DEFAULT_PORT}; the nodes must be able to connect to both)")
+    head.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=None,
+                      help="run under the supervisor (default: on for launch.train, whose ranks send heartbeats)")
+    head.add_argument("--no-progress", action="store_true", help="do not start the progress collector")
+    head.add_argument("--kill-grace-s", type=float, default=supervisor.KILL_GRACE_S,
+                      help=f"on a verdict, SIGTERM the launcher and SIGKILL it this many seconds later (default "
+                           f"{supervisor.KILL_GRACE_S:g})")
+    supervisor.add_deadline_arguments(head)
     p.add_argument("module", help="module every rank runs (launch.train, launch.ring)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
     return p
@@ -278,6 +351,39 @@ def _flavor(ns: argparse.Namespace) -> str:
     return found
 
 
+def _head(ns: argparse.Namespace, flavor: str, module: str, cluster: Cluster) -> Head:
+    host = ns.head
+    if host is None:
+        host = (os.environ.get("SLURMD_NODENAME") or cluster.nodes[0].name) if flavor == "slurm" else socket.gethostname()
+    supervised = module in SUPERVISED_MODULES if ns.supervise is None else ns.supervise
+    return Head(host=host, port=ns.port, supervise=supervisor.config_from_args(ns) if supervised else None,
+                progress=not ns.no_progress, kill_grace_s=ns.kill_grace_s)
+
+
+def _print_plan(plan: LaunchPlan, np: int, hostfile: Path) -> None:
+    flavor = plan.flavor
+    print(f"# {flavor}: {np} ranks on {len({r.node for r in plan.rows})} node(s); local rank from "
+          f"${LOCAL_RANK_VAR[flavor]}")
+    passed = {"openmpi": "mpirun -x", "mpich": "mpiexec -genv", "slurm": "export + srun --export=ALL"}[flavor]
+    print(f"# env of every rank (passed by {passed}):")
+    print("\n".join(f"{k}={v}" for k, v in plan.env))
+    supervised = plan.argv[1:3] == ("-m", "launch.supervisor")
+    if flavor == "slurm":
+        print("# batch script (sbatch; the collector and the supervisor run on its node, the head):")
+        print(plan.sbatch, end="")
+    else:
+        print(f"# {hostfile}:")
+        print(plan.hostfile, end="")
+        if plan.collector:
+            print("# progress collector, on this (head) node:")
+            print(shlex.join(plan.collector))
+        print("# command (on this node; the supervisor runs the launcher and judges the ranks' heartbeats):"
+              if supervised else "# command:")
+        print(shlex.join(plan.argv))
+    print("# ranks:")
+    print(format_table(plan))
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
@@ -293,29 +399,35 @@ def main(argv: list[str] | None = None) -> int:
         flavor = _flavor(ns)
         hostfile = Path("logs") / run_id / f"hostfile.{flavor}"
         plan = launch_plan(cluster, ns.np, flavor, module, args, kinds_known=kinds_known, python=ns.python,
-                           mpirun=ns.mpirun, run_id=run_id, extra=shlex.split(ns.mpi_args), hostfile_path=str(hostfile))
+                           mpirun=ns.mpirun, run_id=run_id, extra=shlex.split(ns.mpi_args), hostfile_path=str(hostfile),
+                           head=_head(ns, flavor, module, cluster))
     except ValueError as e:
         print(f"launch.cluster: {e}", file=sys.stderr)
         return 2
     if ns.dry_run:
-        print(f"# {flavor}: {ns.np} ranks on {len({r.node for r in plan.rows})} node(s); local rank from "
-              f"${LOCAL_RANK_VAR[flavor]}")
-        if flavor == "slurm":
-            print("# batch script (sbatch):")
-            print(plan.sbatch, end="")
-        else:
-            print(f"# {hostfile}:")
-            print(plan.hostfile, end="")
-            print("# command:")
-            print(shlex.join(plan.argv))
-        print("# ranks:")
-        print(format_table(plan))
+        _print_plan(plan, ns.np, hostfile)
         return 0
     if flavor != "slurm":
         hostfile.parent.mkdir(parents=True, exist_ok=True)
         hostfile.write_text(plan.hostfile)
-    env = {**os.environ, "PYTHONPATH": str(_ROOT), "HETEROPIPE_RUN_ID": run_id}
-    return subprocess.call(list(plan.argv), env=env)
+    env = {**os.environ, **dict(plan.env)}
+    # ended by the batch system or a user: the finally blocks below end the supervisor (and so the job)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    progress = subprocess.Popen(list(plan.collector), env=env) if plan.collector else None
+    try:
+        job = subprocess.Popen(list(plan.argv), env=env)
+        try:
+            return job.wait()
+        finally:
+            if job.poll() is None:  # SIGTERM, not SIGKILL: the supervisor ends the job before it exits
+                job.terminate()
+                job.wait()
+    except FileNotFoundError as e:
+        print(f"launch.cluster: cannot run {e.filename!r}: {e.strerror}; check --python / --mpirun", file=sys.stderr)
+        return 2
+    finally:
+        if progress is not None:
+            collector.stop(progress)
 
 
 if __name__ == "__main__":

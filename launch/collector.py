@@ -1,7 +1,8 @@
 """The live progress line: a collector process that the launcher starts for a job.
 
 ``launch.local`` starts ``python -m launch.collector ENDPOINT`` next to the job and hands ENDPOINT
-to the ranks in ``$HETEROPIPE_TELEMETRY``; every rank of ``launch.train`` sends one frame per step
+to the ranks in ``$HETEROPIPE_TELEMETRY`` (``launch.cluster``: on the head node, bound to
+``tcp://*:PORT``, the ranks told ``tcp://HEAD:PORT``); every rank of ``launch.train`` sends one frame per step
 (:mod:`runtime.telemetry`: ZeroMQ, msgpack, dropped rather than ever blocking a rank), and the
 collector prints one line per step into the launching terminal::
 
@@ -30,7 +31,7 @@ import zmq
 
 from runtime.telemetry import TelemetryError, decode
 
-__all__ = ["ENV", "ProgressBoard", "start", "stop", "running", "main"]
+__all__ = ["ENV", "ProgressBoard", "command", "start", "stop", "running", "main"]
 
 ENV = "HETEROPIPE_TELEMETRY"
 """Environment variable that carries the collector's ZeroMQ endpoint to the ranks."""
@@ -97,11 +98,17 @@ class ProgressBoard:
         return "  ".join(parts)
 
 
+def command(endpoint: str, python: str = sys.executable) -> list[str]:
+    """The collector's command line, bound to ``endpoint`` (``launch.cluster`` runs it on the head node
+    with ``tcp://*:PORT`` and tells the ranks ``tcp://HEAD:PORT``)."""
+    return [python, "-m", "launch.collector", endpoint]
+
+
 def start(stdout=None) -> tuple[subprocess.Popen, dict]:
-    """Start a collector process (printing to ``stdout``, default the terminal); returns it and the
-    environment entries that point the ranks at it."""
+    """Start a collector process for local ranks (a Unix socket; printing to ``stdout``, default the
+    terminal); returns it and the environment entries that point the ranks at it."""
     endpoint = f"ipc://{tempfile.gettempdir()}/heteropipe-{os.getpid()}-{secrets.token_hex(4)}.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "launch.collector", endpoint], stdout=stdout)
+    proc = subprocess.Popen(command(endpoint), stdout=stdout)
     return proc, {ENV: endpoint}
 
 

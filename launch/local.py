@@ -22,27 +22,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 from launch import collector
-from launch.supervisor import EXIT_CODE, Supervisor, SupervisorConfig
+from launch.supervisor import (LaunchTimeout, Supervisor, SupervisorConfig, add_deadline_arguments, config_from_args,
+                               supervise)
 
 __all__ = ["find_mpiexec", "mpi_flavor", "mpiexec_argv", "run_local", "LaunchTimeout", "main", "SUPERVISED_MODULES"]
 
 SUPERVISED_MODULES = ("launch.train",)
 """Entry modules whose ranks send heartbeats: supervised by default."""
-_FAILED_GRACE_S = 3.0
-"""After a rank reports an exception it aborts the job itself; this long is left for its own report."""
-
-
-class LaunchTimeout(RuntimeError):
-    """The job ran past its timeout and was killed; ``output`` holds what it printed."""
-
-    def __init__(self, message: str, output: str):
-        super().__init__(message)
-        self.output = output
 
 
 def find_mpiexec(explicit: str | None = None) -> str:
@@ -133,71 +122,11 @@ def _run_supervised(n: int, module: str, args: list[str] | None, *, timeout: flo
                     capture: bool, mpiexec: str | None, cwd: str | None,
                     config: SupervisorConfig) -> subprocess.CompletedProcess:
     sup = Supervisor(n, config)
-    argv = mpiexec_argv(n, module, args, mpiexec=mpiexec, supervised=True)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture else None,
-                            stderr=subprocess.STDOUT if capture else None, text=True,
-                            env={**_project_env(env), **sup.env()}, cwd=cwd, start_new_session=True)
-    chunks: list[str] = []
-    reader = None
-    if capture:  # drain the pipe while supervising, or a chatty job blocks on a full pipe
-        reader = threading.Thread(target=lambda: chunks.extend(iter(proc.stdout.readline, "")), daemon=True)
-        reader.start()
-
-    def say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-        if capture:
-            chunks.append(text + "\n")
-
-    t_end = None if timeout is None else time.monotonic() + timeout
-    printed = 0
     try:
-        while True:
-            sup.receive(config.heartbeat_s / 10)
-            rc = proc.poll()
-            verdict = sup.check()
-            for note in sup.notes[printed:]:
-                say(note)
-            printed = len(sup.notes)
-            if verdict is not None:
-                if verdict["verdict"] == "failed":  # it aborts the job itself, with its own report
-                    try:
-                        proc.wait(_FAILED_GRACE_S)
-                    except subprocess.TimeoutExpired:
-                        pass
-                say(f"{verdict['text']}\n  {sup.write_report(verdict)}")
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                rc = proc.wait()
-                say(f"supervisor: verdict at unix time {verdict['t_wall']:.3f}, {verdict['since_start_s']:.1f} s "
-                    f"after launch; job ended")
-                rc = EXIT_CODE if rc <= 0 else rc
-                break
-            if rc is not None:
-                verdict = None
-                if rc:  # the job ended itself: take the last messages and exits, then say who started it
-                    sup.receive(0.2)
-                    time.sleep(0.5)
-                    sup.receive(0)
-                    verdict = sup.check()
-                if verdict is not None and verdict["verdict"] in ("failed", "died"):
-                    say(f"{verdict['text']}\n  {sup.write_report(verdict)}")
-                break
-            if t_end is not None and time.monotonic() > t_end:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                if reader is not None:
-                    reader.join(5)
-                raise LaunchTimeout(f"{' '.join(argv)} ran past {timeout} s and was killed", "".join(chunks))
-    except BaseException:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        raise
+        return supervise(mpiexec_argv(n, module, args, mpiexec=mpiexec, supervised=True), sup, env=_project_env(env),
+                         timeout=timeout, capture=capture, cwd=cwd)
     finally:
         sup.close()
-    if reader is not None:
-        reader.join(5)
-    return subprocess.CompletedProcess(argv, rc, "".join(chunks) if capture else None, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,16 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=None,
                         help=f"run under the supervisor (default: on for {', '.join(SUPERVISED_MODULES)}, whose "
                              f"ranks send heartbeats)")
-    defaults = SupervisorConfig()
-    parser.add_argument("--heartbeat-s", type=float, default=defaults.heartbeat_s,
-                        help=f"seconds between a rank's heartbeats (default {defaults.heartbeat_s:g})")
-    parser.add_argument("--liveness-s", type=float, default=defaults.liveness_s,
-                        help=f"a rank with no heartbeat for this long is named (default {defaults.liveness_s:g})")
-    parser.add_argument("--progress-s", type=float, default=defaults.progress_s,
-                        help=f"a rank whose schedule has not advanced for this long is named (default "
-                             f"{defaults.progress_s:g})")
-    parser.add_argument("--startup-s", type=float, default=defaults.startup_s,
-                        help=f"grace for start-up and the first step (default {defaults.startup_s:g})")
+    add_deadline_arguments(parser)
     parser.add_argument("module", help="Python module every rank runs, e.g. launch.train or launch.ring")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the module")
     ns = parser.parse_args(argv)
@@ -238,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     config = None
     if supervise:
         try:
-            config = SupervisorConfig(heartbeat_s=ns.heartbeat_s, liveness_s=ns.liveness_s,
-                                      progress_s=ns.progress_s, startup_s=ns.startup_s)
+            config = config_from_args(ns)
         except ValueError as exc:
             parser.error(str(exc))
     try:

@@ -5,9 +5,11 @@
 #
 # hostfile: Open MPI "node slots=8" or Hydra "node:8" (one host per line), or --cluster FILE.toml with
 # node kinds. Env: MPIRUN (launcher), PYTHON (default python3), EXTRA_MPI_ARGS (passed through).
-# All logic (mapping, binding, local-rank device, precision per kind) is in launch/cluster.py.
+# The supervisor and the progress collector run on this node; the ranks reach them at --head (default
+# this host's name) on TCP --port 29600 and 29601 (see --help of launch.cluster for the flags).
+# All logic (mapping, binding, local-rank device, precision per kind, supervision) is in launch/cluster.py.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-case "${1:-}" in -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+case "${1:-}" in -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 exec "${PYTHON:-python3}" -m launch.cluster "$@"

@@ -1,16 +1,20 @@
 """The job's supervisor: names a dead, frozen or stuck rank within seconds, then ends the job.
 
-``launch.local`` starts one next to ``mpiexec`` (``--no-supervise`` turns it off). It binds a
-ZeroMQ PULL socket — lossless control, separate from any droppable telemetry — whose address the
-ranks get in ``$HETEROPIPE_SUPERVISOR``; each rank's :class:`~runtime.heartbeat.Heartbeat` sends a
+``launch.local`` runs one next to ``mpiexec`` (``--no-supervise`` turns it off); ``launch.cluster``
+runs ``python -m launch.supervisor -n N --port P --advertise HEAD -- mpirun ...`` on the launching
+(head) node (:func:`supervise` in both). It binds a ZeroMQ PULL socket — lossless control,
+separate from any droppable telemetry — whose address the ranks get in ``$HETEROPIPE_SUPERVISOR``
+(``tcp://127.0.0.1:PORT`` locally; ``tcp://HEAD:PORT`` on a cluster, bound on every interface and
+passed to every node by the launcher: ``-x``, ``-genv``, ``srun --export=ALL``); each rank's :class:`~runtime.heartbeat.Heartbeat` sends a
 hello, then its status every ``heartbeat_s`` (step, action, progress counter, the receive it is
 blocked on, pending operations, flight-recorder tail), and a ``failed`` or ``bye`` message last.
 
 Verdicts, checked every poll (a tenth of a heartbeat):
 
 * **failed** — a rank reported an exception (the rank also aborts the job itself);
-* **died** — a rank's process is gone (local ranks: a pidfd per rank wakes the supervisor the
-  moment the process exits, so a SIGKILL is named at once; ``mpiexec`` runs with auto-cleanup off,
+* **died** — a rank's process is gone (ranks on the supervisor's host: a pidfd per rank wakes the
+  supervisor the moment the process exits, so a SIGKILL is named at once; a rank on another node
+  that dies goes silent or takes the job down with its launcher's own message; ``mpiexec`` runs with auto-cleanup off,
   but MPI still takes down a peer that touches the dead rank's channels within milliseconds, so
   the rank that died *first* is the culprit, and the others' last heartbeats say what they were
   waiting for);
@@ -34,10 +38,15 @@ status to ``supervisor.json`` in the run's log folder, and kills the job: the la
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
 import socket
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +54,8 @@ from pathlib import Path
 import msgpack
 import zmq
 
-__all__ = ["SupervisorConfig", "Supervisor", "EXIT_CODE", "ENV_ADDRESS", "ENV_HEARTBEAT"]
+__all__ = ["SupervisorConfig", "Supervisor", "EXIT_CODE", "ENV_ADDRESS", "ENV_HEARTBEAT", "LaunchTimeout",
+           "KILL_GRACE_S", "supervise", "command", "add_deadline_arguments", "config_from_args", "main"]
 
 EXIT_CODE = 3
 """Exit code of a job the supervisor ended."""
@@ -53,6 +63,11 @@ ENV_ADDRESS = "HETEROPIPE_SUPERVISOR"
 """Environment variable carrying the supervisor's address to the ranks."""
 ENV_HEARTBEAT = "HETEROPIPE_HEARTBEAT_S"
 """Environment variable carrying the heartbeat interval to the ranks."""
+KILL_GRACE_S = 5.0
+"""Default seconds between SIGTERM and SIGKILL of a cluster launcher (``mpirun``/``srun`` then end
+their remote ranks in order); local jobs are SIGKILLed at once."""
+_FAILED_GRACE_S = 3.0
+"""After a rank reports an exception it aborts the job itself; this long is left for its own report."""
 _EXIT_GRACE_S = 0.3
 """A process that exited is judged dead only if its ``bye`` has not arrived this long after: a
 clean exit's last message can land on the socket just after its pidfd fires."""
@@ -144,14 +159,26 @@ class _Rank:
 class Supervisor:
     """Receives heartbeats from ``num_ranks`` ranks and judges them (see the module doc)."""
 
-    def __init__(self, num_ranks: int, config: SupervisorConfig | None = None, *, host: str = "127.0.0.1"):
+    def __init__(self, num_ranks: int, config: SupervisorConfig | None = None, *, bind: str = "127.0.0.1",
+                 port: int = 0, advertise: str | None = None):
+        """Listen on ``bind`` (an interface address, ``*`` for all) at ``port`` (0: any free one); the
+        ranks are told ``tcp://ADVERTISE:PORT`` (default: the bound address), the name other nodes
+        reach this one by. Raises zmq.ZMQError when the port is taken."""
         self.config = config or SupervisorConfig()
         self.num_ranks = num_ranks
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
-        port = self._sock.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        try:
+            if port:
+                self._sock.bind(f"tcp://{bind}:{port}")
+            else:
+                port = self._sock.bind_to_random_port(f"tcp://{bind}")
+        except zmq.ZMQError:
+            self._sock.close()
+            self._ctx.term()
+            raise
+        self.address = f"tcp://{advertise or bind}:{port}"
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._pidfds: dict[int, _Rank] = {}
@@ -183,9 +210,15 @@ class Supervisor:
                 raw = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._take(msgpack.unpackb(raw, strict_map_key=False))
+            try:
+                msg = msgpack.unpackb(raw, strict_map_key=False)
+            except (ValueError, msgpack.UnpackException):
+                continue  # on a cluster the port is open to the network: not every frame is a heartbeat
+            self._take(msg)
 
     def _take(self, msg: dict) -> None:
+        if not isinstance(msg, dict):
+            return
         rank = msg.get("rank")
         if not isinstance(rank, int) or not 0 <= rank < self.num_ranks:
             return
@@ -356,3 +389,179 @@ class Supervisor:
         self._pidfds.clear()
         self._sock.close()
         self._ctx.term()
+
+
+class LaunchTimeout(RuntimeError):
+    """The job ran past its timeout and was killed; ``output`` holds what it printed."""
+
+    def __init__(self, message: str, output: str):
+        super().__init__(message)
+        self.output = output
+
+
+def _end(proc: subprocess.Popen, grace_s: float) -> int:
+    """End the launcher's process group: SIGTERM first when ``grace_s`` > 0 (srun and mpirun then
+    take their remote ranks down in order), SIGKILL after ``grace_s`` or at once."""
+    if proc.poll() is None and grace_s > 0:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait()
+
+
+def supervise(argv: list[str], sup: Supervisor, *, env: dict | None = None, timeout: float | None = None,
+              capture: bool = False, cwd: str | None = None, kill_grace_s: float = 0.0) -> subprocess.CompletedProcess:
+    """Run the launcher command ``argv`` (mpiexec, mpirun, srun) under ``sup`` and wait.
+
+    The ranks get ``sup.env()`` on top of ``env`` (a launcher that does not pass its environment to
+    other nodes must name these variables itself: ``-x``, ``-genv``). With ``capture`` stdout and
+    stderr are merged into ``result.stdout``. Notes and the report go to stderr (and into the captured
+    output); a job the supervisor ended returns :data:`EXIT_CODE`. ``kill_grace_s``: see :func:`_end`.
+    Raises :class:`LaunchTimeout` after killing a job that outlives ``timeout``.
+    """
+    config = sup.config
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture else None,
+                            stderr=subprocess.STDOUT if capture else None, text=True,
+                            env={**(os.environ if env is None else env), **sup.env()}, cwd=cwd,
+                            start_new_session=True)
+    chunks: list[str] = []
+    reader = None
+    if capture:  # drain the pipe while supervising, or a chatty job blocks on a full pipe
+        reader = threading.Thread(target=lambda: chunks.extend(iter(proc.stdout.readline, "")), daemon=True)
+        reader.start()
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+        if capture:
+            chunks.append(text + "\n")
+
+    t_end = None if timeout is None else time.monotonic() + timeout
+    printed = 0
+    try:
+        while True:
+            sup.receive(config.heartbeat_s / 10)
+            rc = proc.poll()
+            verdict = sup.check()
+            for note in sup.notes[printed:]:
+                say(note)
+            printed = len(sup.notes)
+            if verdict is not None:
+                if verdict["verdict"] == "failed":  # it aborts the job itself, with its own report
+                    try:
+                        proc.wait(_FAILED_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        pass
+                say(f"{verdict['text']}\n  {sup.write_report(verdict)}")
+                rc = _end(proc, kill_grace_s)
+                say(f"supervisor: verdict at unix time {verdict['t_wall']:.3f}, {verdict['since_start_s']:.1f} s "
+                    f"after launch; job ended")
+                rc = EXIT_CODE if rc <= 0 else rc
+                break
+            if rc is not None:
+                verdict = None
+                if rc:  # the job ended itself: take the last messages and exits, then say who started it
+                    sup.receive(0.2)
+                    time.sleep(0.5)
+                    sup.receive(0)
+                    verdict = sup.check()
+                if verdict is not None and verdict["verdict"] in ("failed", "died"):
+                    say(f"{verdict['text']}\n  {sup.write_report(verdict)}")
+                break
+            if t_end is not None and time.monotonic() > t_end:
+                _end(proc, kill_grace_s)
+                if reader is not None:
+                    reader.join(5)
+                raise LaunchTimeout(f"{' '.join(argv)} ran past {timeout} s and was killed", "".join(chunks))
+    except BaseException:
+        _end(proc, kill_grace_s)
+        raise
+    if reader is not None:
+        reader.join(5)
+    return subprocess.CompletedProcess(argv, rc, "".join(chunks) if capture else None, None)
+
+
+def add_deadline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The deadline flags of every launcher (read back by :func:`config_from_args`)."""
+    d = SupervisorConfig()
+    parser.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s,
+                        help=f"seconds between a rank's heartbeats (default {d.heartbeat_s:g})")
+    parser.add_argument("--liveness-s", type=float, default=d.liveness_s,
+                        help=f"a rank with no heartbeat for this long is named (default {d.liveness_s:g})")
+    parser.add_argument("--progress-s", type=float, default=d.progress_s,
+                        help=f"a rank whose schedule has not advanced for this long is named (default {d.progress_s:g})")
+    parser.add_argument("--startup-s", type=float, default=d.startup_s,
+                        help=f"grace for start-up and the first step (default {d.startup_s:g})")
+
+
+def config_from_args(ns: argparse.Namespace) -> SupervisorConfig:
+    """The deadlines :func:`add_deadline_arguments` read; ValueError naming the field and the fix."""
+    return SupervisorConfig(heartbeat_s=ns.heartbeat_s, liveness_s=ns.liveness_s, progress_s=ns.progress_s,
+                            startup_s=ns.startup_s)
+
+
+def command(num_ranks: int, config: SupervisorConfig, *, port: int, advertise: str, python: str = "python3",
+            kill_grace_s: float = KILL_GRACE_S) -> list[str]:
+    """``python -m launch.supervisor ... --``: a launcher command appended to it runs supervised."""
+    return [python, "-m", "launch.supervisor", "-n", str(num_ranks), "--port", str(port), "--advertise", advertise,
+            "--heartbeat-s", f"{config.heartbeat_s:g}", "--liveness-s", f"{config.liveness_s:g}",
+            "--progress-s", f"{config.progress_s:g}", "--startup-s", f"{config.startup_s:g}",
+            "--kill-grace-s", f"{kill_grace_s:g}", "--"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m launch.supervisor",
+        description="Run a launcher command (mpirun, mpiexec, srun) under the supervisor: it listens for the ranks' "
+                    "heartbeats on every interface of this node, names a rank that fails, dies, freezes or stops "
+                    "making progress, and ends the job (exit 3). The ranks are told tcp://ADVERTISE:PORT in "
+                    f"${ENV_ADDRESS}: the launcher must pass it to every node (launch.cluster does).",
+        epilog="example: python -m launch.supervisor -n 16 --port 29600 --advertise gpu-a -- mpirun -n 16 "
+               f"-x {ENV_ADDRESS}=tcp://gpu-a:29600 -x {ENV_HEARTBEAT}=1 ... python3 -m mpi4py -m launch.train")
+    p.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks the job starts")
+    p.add_argument("--port", type=int, required=True, help="TCP port to listen on (open to the other nodes)")
+    p.add_argument("--advertise", default=socket.gethostname(),
+                   help="name or IP address the other nodes reach this one by (default: this host's name)")
+    p.add_argument("--bind", default="*", help="interface address to listen on (default *: all)")
+    p.add_argument("--kill-grace-s", type=float, default=KILL_GRACE_S,
+                   help=f"on a verdict, SIGTERM the launcher and SIGKILL it this many seconds later (default "
+                        f"{KILL_GRACE_S:g})")
+    add_deadline_arguments(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the launcher command, after --")
+    ns = p.parse_args(argv)
+    cmd = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
+    if not cmd:
+        p.error("no launcher command: put it after --")
+    if ns.ranks < 1:
+        p.error(f"--ranks {ns.ranks}: must be at least 1")
+    if not 0 < ns.port < 65536:
+        p.error(f"--port {ns.port}: must be a TCP port (1-65535)")
+    if ns.kill_grace_s < 0:
+        p.error(f"--kill-grace-s {ns.kill_grace_s}: must be >= 0")
+    try:
+        config = config_from_args(ns)
+    except ValueError as exc:
+        p.error(str(exc))
+    try:
+        sup = Supervisor(ns.ranks, config, bind=ns.bind, port=ns.port, advertise=ns.advertise)
+    except zmq.ZMQError as exc:
+        print(f"launch.supervisor: cannot listen on tcp://{ns.bind}:{ns.port}: {exc}; pass another --port",
+              file=sys.stderr)
+        return 2
+    # a batch system or user ending the supervisor ends the job with it (the job runs in its own session)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    print(f"supervisor: {ns.ranks} ranks report to {sup.address}", file=sys.stderr, flush=True)
+    try:
+        return supervise(cmd, sup, kill_grace_s=ns.kill_grace_s).returncode
+    except FileNotFoundError as exc:
+        print(f"launch.supervisor: cannot run {cmd[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 2
+    finally:
+        sup.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

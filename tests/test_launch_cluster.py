@@ -1,16 +1,16 @@
 """Cluster launch (launch/cluster.py): exact commands for Open MPI, MPICH/Hydra and SLURM on 2- and
-16-node hostfiles, the rank table, slot shortage, precision from node kinds, DualPipe mirror kinds."""
+16-node hostfiles, with and without the supervisor and collector on the head node, the rank table,
+slot shortage, precision from node kinds, DualPipe mirror kinds."""
 
 from __future__ import annotations
 
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from launch.cluster import launch_plan
+from launch.cluster import Head, launch_plan, main
+from launch.supervisor import SupervisorConfig
 from topology import Cluster, Node, cluster_from_hostfile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +18,11 @@ TWO = cluster_from_hostfile("a slots=8\nb slots=8\n")
 SIXTEEN = cluster_from_hostfile("".join(f"gpu{i:02d}:8\n" for i in range(16)))
 JOB = "python3 -m mpi4py -m launch.train --pp 4 --ep 4 --micro-batch 4"
 JOB16 = "python3 -m mpi4py -m launch.train --pp 16 --ep 8 --micro-batch 8 --microbatches 32 --layers 16"
+HEAD = Head(host="head0", port=29600, supervise=SupervisorConfig())
+SUP = ("python3 -m launch.supervisor -n {np} --port 29600 --advertise head0 --heartbeat-s 1 --liveness-s 10 "
+       "--progress-s 20 --startup-s 120 --kill-grace-s 5 -- ")
+ENV = {"HETEROPIPE_SUPERVISOR": "tcp://head0:29600", "HETEROPIPE_HEARTBEAT_S": "1.0",
+       "HETEROPIPE_TELEMETRY": "tcp://head0:29601"}
 
 
 @pytest.mark.parametrize("cluster, np, args, job", [
@@ -30,7 +35,8 @@ def test_commands_per_launcher(cluster, np, args, job):
         "openmpi": f"mpirun -n {np} --hostfile H --map-by slot --bind-to numa -x PYTHONPATH={ROOT} "
                    f"-x HETEROPIPE_RUN_ID=R {job}",
         "mpich": f"mpiexec -n {np} -f H -bind-to numa -genv PYTHONPATH {ROOT} -genv HETEROPIPE_RUN_ID R {job}",
-        "slurm": f"srun --mpi=pmix --nodes={nodes} --ntasks={np} --distribution=block:block --cpu-bind=ldoms {job}",
+        "slurm": f"srun --mpi=pmix --nodes={nodes} --ntasks={np} --distribution=block:block --cpu-bind=ldoms "
+                 f"--export=ALL {job}",
     }
     for flavor, line in expect.items():
         plan = launch_plan(cluster, np, flavor, "launch.train", args, kinds_known=False, run_id="R", root=ROOT,
@@ -49,6 +55,43 @@ def test_commands_per_launcher(cluster, np, args, job):
         for row in plan.rows:
             assert (row.node, row.local, row.device) == (names[row.rank // 8], row.rank % 8, f"cuda:{row.rank % 8}")
             assert row.role.startswith(f"pp{row.rank // ep} ") and row.role.endswith(f"ep{row.rank % ep}")
+
+
+@pytest.mark.parametrize("cluster, np, args, job", [
+    (TWO, 16, ["--pp", "4", "--ep", "4", "--micro-batch", "4"], JOB),
+    (SIXTEEN, 128, ["--pp", "16", "--ep", "8", "--micro-batch", "8", "--microbatches", "32", "--layers", "16"], JOB16),
+])
+def test_supervised_commands_per_launcher(cluster, np, args, job):
+    """The supervisor wraps the launcher on the head node and every rank, on every node, is told where
+    it and the collector listen: the bug this catches is a remote rank that never finds them (a
+    127.0.0.1 or ipc:// address, or a variable the launcher does not carry to other nodes)."""
+    nodes, sup = cluster.num_nodes, SUP.format(np=np)
+    xs = " ".join(f"-x {k}={v}" for k, v in ENV.items())
+    genv = " ".join(f"-genv {k} {v}" for k, v in ENV.items())
+    expect = {
+        "openmpi": f"{sup}mpirun -n {np} --hostfile H --map-by slot --bind-to numa -x PYTHONPATH={ROOT} "
+                   f"-x HETEROPIPE_RUN_ID=R {xs} {job}",
+        "mpich": f"{sup}mpiexec -n {np} -f H -bind-to numa -genv PYTHONPATH {ROOT} -genv HETEROPIPE_RUN_ID R {genv} "
+                 f"-disable-auto-cleanup {job}",
+        "slurm": f"{sup}srun --mpi=pmix --nodes={nodes} --ntasks={np} --distribution=block:block --cpu-bind=ldoms "
+                 f"--export=ALL {job}",
+    }
+    for flavor, line in expect.items():
+        plan = launch_plan(cluster, np, flavor, "launch.train", args, kinds_known=False, run_id="R", root=ROOT,
+                           hostfile_path="H", head=HEAD)
+        assert shlex.join(plan.argv) == line
+        assert dict(plan.env) == {"PYTHONPATH": str(ROOT), "HETEROPIPE_RUN_ID": "R", **ENV}
+        assert shlex.join(plan.collector) == "python3 -m launch.collector 'tcp://*:29601'"
+        if flavor == "slurm":  # srun inherits the batch script's exports; the collector runs beside the supervisor
+            body = plan.sbatch.split("#SBATCH --gpus-per-node=8\n")[1]
+            assert body == "".join(f"export {k}={shlex.quote(v)}\n" for k, v in plan.env) + \
+                "python3 -m launch.collector 'tcp://*:29601' &\ntrap 'kill $!' EXIT\n" + line + "\n"
+    # no supervisor (launch.ring, --no-supervise): the launcher alone, still told where the collector is
+    bare = launch_plan(cluster, np, "mpich", "launch.ring", [], kinds_known=False, run_id="R", root=ROOT,
+                       hostfile_path="H", head=Head(host="head0"))
+    assert bare.argv[0] == "mpiexec" and "-disable-auto-cleanup" not in bare.argv
+    assert dict(bare.env) == {"PYTHONPATH": str(ROOT), "HETEROPIPE_RUN_ID": "R",
+                              "HETEROPIPE_TELEMETRY": "tcp://head0:29601"}
 
 
 def test_too_few_slots_names_the_count():
@@ -78,16 +121,23 @@ def test_precision_follows_node_kinds_and_mirror_rule():
                     kinds_known=True)
 
 
-def test_dry_run_cli(tmp_path):
-    hosts = tmp_path / "hosts"
-    hosts.write_text("a slots=8\nb slots=8\n")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "launch.cluster", *a], capture_output=True, text=True,
-                                    timeout=120, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    out = run("-f", str(hosts), "-n", "2", "--mpi", "openmpi", "--run-id", "R", "--dry-run", "--", "launch.ring")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert f"mpirun -n 2 --hostfile logs/R/hostfile.openmpi --map-by slot --bind-to numa -x PYTHONPATH={ROOT} " \
-           f"-x HETEROPIPE_RUN_ID=R python3 -m mpi4py -m launch.ring" in lines
+def test_dry_run_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hosts").write_text("a slots=8\nb slots=8\n")
+    rc = main(["-f", "hosts", "-n", "2", "--mpi", "openmpi", "--run-id", "R", "--head", "h0", "--port", "4000",
+               "--supervise", "--liveness-s", "6", "--dry-run", "--", "launch.ring"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    lines = out.out.splitlines()
+    sup = ("python3 -m launch.supervisor -n 2 --port 4000 --advertise h0 --heartbeat-s 1 --liveness-s 6 --progress-s 20 "
+           "--startup-s 120 --kill-grace-s 5 -- ")
+    env = "-x HETEROPIPE_SUPERVISOR=tcp://h0:4000 -x HETEROPIPE_HEARTBEAT_S=1.0 -x HETEROPIPE_TELEMETRY=tcp://h0:4001"
+    assert f"{sup}mpirun -n 2 --hostfile logs/R/hostfile.openmpi --map-by slot --bind-to numa -x PYTHONPATH={ROOT} " \
+           f"-x HETEROPIPE_RUN_ID=R {env} python3 -m mpi4py -m launch.ring" in lines
+    assert "python3 -m launch.collector 'tcp://*:4001'" in lines and "HETEROPIPE_SUPERVISOR=tcp://h0:4000" in lines
     assert lines[-2].split() == ["0", "a", "0", "cuda:0", "-", "-"] and not (tmp_path / "logs").exists()
-    short = run("-f", str(hosts), "-n", "20", "--mpi", "slurm", "--dry-run", "--", "launch.ring")
-    assert short.returncode == 2 and "needs 20" in short.stderr and "Traceback" not in short.stderr
+    for bad, says in ((["-n", "20"], "needs 20"), (["-n", "2", "--port", "65535"], "pass --port"),
+                      (["-n", "2", "--supervise", "--liveness-s", "1"], "liveness_s=1.0: must be at least two")):
+        assert main(["-f", "hosts", *bad, "--mpi", "slurm", "--dry-run", "--", "launch.ring"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("launch.cluster: ") and says in err and err.count("\n") == 1, err

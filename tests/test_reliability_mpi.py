@@ -4,19 +4,28 @@ Faults (tests/mpi/faults.py) are injected on rank 1 (pipeline stage 1 of 2, 1F1B
 short deadlines (heartbeat 0.5 s, liveness 3 s, progress 5 s) to stay fast; each job must end
 non-zero with the supervisor naming rank 1, its role and the verdict, within the deadline plus a
 margin for this shared 2-core machine (seconds from the FAULT line to the verdict, both wall clock).
+The frozen-rank case goes through ``launch.cluster`` as on a cluster (2 emulated one-slot nodes,
+Hydra's fork launcher standing in for ssh): the supervisor and collector run as the head node's
+commands and the ranks reach them at tcp://127.0.0.1:PORT passed by ``-genv``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from actors.model import ModelConfig, layer_split
-from launch.local import LaunchTimeout, run_local
+from launch.local import LaunchTimeout, find_mpiexec, mpi_flavor, run_local
 from launch.supervisor import EXIT_CODE, SupervisorConfig
 from tests.mpirun import mpirun
 
@@ -35,6 +44,44 @@ def _supervised(n: int, args: list[str], fault_file, timeout: float = 150) -> tu
     return res.returncode, res.stdout
 
 
+def _free_port_pair() -> int:
+    """A port P with P and P + 1 free now (supervisor, collector)."""
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    pytest.fail("no two adjacent free ports")
+
+
+def _cluster_supervised(n: int, args: list[str], fault_file, tmp_path, timeout: float = 150) -> tuple[int, str]:
+    """``launch.cluster`` on ``n`` emulated one-slot nodes of this machine (Hydra -launcher fork)."""
+    mpiexec = find_mpiexec()
+    if mpi_flavor(mpiexec) != "mpich":
+        return _supervised(n, args, fault_file, timeout)  # the emulation needs Hydra's fork launcher
+    (tmp_path / "hosts").write_text("".join(f"node{i}:1\n" for i in range(n)))
+    argv = [sys.executable, "-m", "launch.cluster", "-f", str(tmp_path / "hosts"), "-n", str(n), "--mpi", "mpich",
+            "--mpirun", mpiexec, "--mpi-args", "-launcher fork", "--python", sys.executable, "--head", "127.0.0.1",
+            "--port", str(_free_port_pair()), "--supervise", "--heartbeat-s", str(FAST.heartbeat_s),
+            "--liveness-s", str(FAST.liveness_s), "--progress-s", str(FAST.progress_s), "--startup-s",
+            str(FAST.startup_s), "--kill-grace-s", "1", "--", "tests.mpi.faults", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_TIME_FILE": str(fault_file),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # the supervisor ends the job (its own session) on SIGTERM
+        out, _ = proc.communicate(timeout=15)
+        pytest.fail(f"cluster-style supervised job hung past {timeout} s; output:\n{out[-6000:]}")
+    return proc.returncode, out
+
+
 def _report_delay(out: str, fault_file) -> tuple[dict, float]:
     """The supervisor's JSON report and the seconds from the injected fault to its verdict."""
     fault_t = float(fault_file.read_text())
@@ -51,7 +98,13 @@ FAULTS = {"kill": ("died", 3.0), "stop": ("silent", FAST.liveness_s + 3.0), "mut
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_fault_is_named_with_rank_and_role_within_the_deadline(fault, tmp_path):
     verdict, allowed = FAULTS[fault]
-    rc, out = _supervised(2, [fault, "1", "3", *TRAIN, "--log-dir", str(tmp_path)], tmp_path / "fault-time")
+    args = [fault, "1", "3", *TRAIN, "--log-dir", str(tmp_path)]
+    if fault == "stop":  # on a cluster: supervisor and collector on the head node, reached over TCP
+        rc, out = _cluster_supervised(2, args, tmp_path / "fault-time", tmp_path)
+        # heartbeats and telemetry came over TCP: the verdict below, and the collector's step lines
+        assert "supervisor: 2 ranks report to tcp://127.0.0.1:" in out and "slowest rank" in out, out[-3000:]
+    else:
+        rc, out = _supervised(2, args, tmp_path / "fault-time")
     assert rc != 0, out[-3000:]
     if fault != "kill":  # the supervisor ended the job (a crash takes its peers down by itself)
         assert rc == EXIT_CODE, out[-3000:]

@@ -11,7 +11,9 @@ import json
 import os
 import time
 
+import msgpack
 import pytest
+import zmq
 
 from launch.supervisor import Supervisor, SupervisorConfig
 from runtime.heartbeat import Heartbeat
@@ -118,4 +120,29 @@ def test_report_line_names_the_file_or_why_there_is_none(tmp_path):
     sup._ranks[0].hello["log_dir"] = str(tmp_path)
     assert sup.write_report(verdict) == f"full report: {tmp_path / 'supervisor.json'}"
     assert json.loads((tmp_path / "supervisor.json").read_text()) == verdict
+    sup.close()
+
+
+def test_cluster_supervisor_listens_on_every_interface_and_skips_stray_frames():
+    # on a cluster the ranks get the head's name, the socket listens on every interface, and the open
+    # port may receive frames that are no heartbeat: they must not end the supervision
+    probe = Supervisor(1, FAST)
+    port = int(probe.address.rsplit(":", 1)[1])
+    probe.close()
+    sup = Supervisor(1, FAST, bind="*", port=port, advertise="head0")
+    assert sup.address == f"tcp://head0:{port}" and sup.env()["HETEROPIPE_SUPERVISOR"] == sup.address
+    with pytest.raises(zmq.ZMQError):
+        Supervisor(1, FAST, bind="*", port=port)  # taken: launch.supervisor says "pass another --port"
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    for frame in (b"\xc1 not msgpack", msgpack.packb([1, 2]), msgpack.packb({"rank": "x"})):
+        push.send(frame)
+    push.send(msgpack.packb({"type": "hello", "rank": 0, "pid": 1, "host": "elsewhere", "role": {}, "log_dir": None}))
+    t_end = time.monotonic() + 5
+    while time.monotonic() < t_end and sup._ranks[0].hello is None:
+        sup.receive(0.05)
+    assert sup._ranks[0].hello is not None and sup._ranks[0].hello["host"] == "elsewhere"
+    push.close(linger=0)
+    ctx.term()
     sup.close()

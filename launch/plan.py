@@ -28,7 +28,9 @@ assumption it made. Nothing runs on a device.
 Per-chunk F/B/W times come from FLOPs and each device kind's speed at the precision it trains in
 (topology/kinds.py: peaks, relative speeds with sources and the cited efficiency; the cluster
 file's [device_speed] overrides a speed); dispatch/combine from the topology
-link model; DualPipe overlaps one microbatch's all-to-all with another's compute.
+link model; DualPipe overlaps one microbatch's all-to-all with another's compute. The layer split
+keeps every device within its kind's memory (topology/kinds.py memory_gb; printed as peak /
+capacity) and refuses, naming the fixes, when no split fits.
 
 What if: --pp / --ep / --microbatch-seqs / --global-batch, --no-node-limit, --schedule, or a
 cluster file with other kinds (launch/clusters/v3-2048-h800-910c.toml: half the nodes Ascend 910C).
@@ -93,8 +95,9 @@ def format_plan(plan: Plan, source: str) -> str:
          f"{plan.comm.mean_nodes_per_token:.2f} nodes per token"),
         ("MFU", f"{plan.mfu:.1%}", f"{plan.model_flops_per_token / 1e9:.1f} GFLOP per token over every device's "
                                    f"dense peak at its precision"),
-        ("memory per device (max)", f"{max(plan.memory_gb.values()):.1f} GB",
-         "; ".join(f"{k} {v:.1f}" for k, v in plan.memory_parts.items())),
+        ("memory per device (fullest)", f"{plan.memory_gb[plan.memory_worst]:.1f} GB",
+         f"{plan.memory_worst} of {plan.memory_capacity_gb[plan.memory_worst]:g} GB: "
+         + "; ".join(f"{k} {v:.1f}" for k, v in plan.memory_parts.items())),
         ("tokens per step", f"{plan.tokens_per_step / 1e6:.1f} M", f"{plan.microbatches} microbatches per pipeline"),
         ("device-hours per 1T tokens", f"{hours / 1e3:.0f} K",
          f"DeepSeek-V3 report: 180 K H800 GPU-hours (ratio {hours / PUBLISHED_HOURS_PER_T:.2f})"),
@@ -107,7 +110,8 @@ def format_plan(plan: Plan, source: str) -> str:
     lines += ["", "stages (layers per stage; pipeline rank kinds):"]
     lines.append("  " + " | ".join(f"s{i}:{len(s)}" for i, s in enumerate(plan.stage_layers)))
     lines.append("  " + " ".join(f"r{r}={k}" for r, k in enumerate(plan.pp_kinds)))
-    lines += ["", "memory per pipeline rank (GB): " + ", ".join(f"{k} {g:.1f}" for k, g in plan.memory_gb.items())]
+    lines += ["", "memory per device, GB (peak / capacity): " + ", ".join(
+        f"{k} {g:.1f}/{plan.memory_capacity_gb[k]:g}" for k, g in plan.memory_gb.items())]
     lines += ["", "assumptions:"] + [f"  - {a}" for a in plan.assumptions]
     return "\n".join(lines)
 

@@ -4,7 +4,8 @@ A hop is a ``[senders, receivers]`` matrix of token counts over one link class. 
 its own link of that class (V3: one NIC per GPU, NVLink per GPU), full duplex, so a hop takes as
 long as its busiest device's side: ``bytes / bandwidth + messages * latency``, the larger of what
 it sends and what it receives; the diagonal (a rank to itself) costs nothing. Compute time is
-FLOPs over the device's speed times a reference throughput.
+FLOPs over the device's speed times the reference throughput (:data:`topology.kinds.REFERENCE_FLOPS`,
+re-exported here), the same figure the full-scale plan uses.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from topology.cluster import LinkClass
+from topology.kinds import REFERENCE_FLOPS
 
 __all__ = ["REFERENCE_FLOPS", "HopCost", "hop_cost", "compute_seconds"]
-
-REFERENCE_FLOPS = 800e12
-"""FLOP/s of a speed-1.0 device: ~800 TFLOPS BF16 matmul measured on H100 (REFERENCE.md: Hardware)."""
-
 
 @dataclass(frozen=True, slots=True)
 class HopCost:

@@ -8,11 +8,11 @@ How one step is priced (every assumption also lands in :attr:`Plan.assumptions`)
    experts or the dense FFN, the output head, the MTP module), plus causal attention scores
    ``2 x heads x (qk + v head dims) x (seq + 1) / 2``. Backward = 2 x forward; the weight-gradient
    part W = the forward GEMM FLOPs (attention scores have no weights).
-2. Seconds = FLOPs / (H800 FP8 dense peak x :data:`topology.kinds.REFERENCE_EFFICIENCY` x the
-   rank's relative speed from the cluster's table). The efficiency has a cited source.
+2. Seconds = FLOPs / (:data:`topology.kinds.REFERENCE_FLOPS` -- H800 FP8 dense peak x the cited
+   :data:`topology.kinds.REFERENCE_EFFICIENCY` -- x the rank's relative speed from the cluster's table).
 3. The layers are split over the schedule's stages in contiguous runs (:func:`split_stages`): by
    FLOPs alone, or *speed-aware*: each stage's FLOPs over the speed of the ranks running it,
-   minimising the slowest stage.
+   minimising the slowest stage -- among the splits that fit every device's memory (item 8).
 4. Expert-parallel dispatch/combine per MoE layer from the link model (:mod:`topology.predict`:
    balanced random routing sampled, two-hop plan, busiest device's bytes / bandwidth + messages x
    latency, IB and NVLink hops of one exchange pipelined, so the slower sets the time). Forward:
@@ -25,30 +25,36 @@ How one step is priced (every assumption also lands in :attr:`Plan.assumptions`)
 6. Pipeline messages: one microbatch's BF16 activations over the inter-node link.
 7. After the pipeline: ZeRO-1 reduce-scatter (FP32 gradients) and all-gather (BF16 weights) over
    the data-parallel ranks of each stage, ring cost over the inter-node link, not overlapped.
-8. Memory per device: BF16 weights + FP32 gradients of the stages it holds, FP32 master + two
-   BF16 moments sharded over its data-parallel peers (ZeRO-1), plus the simulator's peak live
-   stage-microbatches times the activations V3 keeps (GEMM inputs in FP8 on FP8 kinds, norms and
-   MLA up-projections recomputed).
+8. Memory per device (:func:`rank_memories`): BF16 weights + FP32 gradients of the stages it holds,
+   FP32 master + two BF16 moments sharded over its data-parallel peers (ZeRO-1), plus the activations
+   V3 keeps (:func:`model_items`: norms, MLA up-projections and SwiGLU outputs recomputed, GEMM inputs
+   in FP8 on FP8 kinds), each stage's times the microbatches the schedule keeps live for it
+   (:func:`live_points`). The layer split keeps every device within its kind's memory.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from runtime.schedules import Costs, Schedule, SimResult, build, simulate
+from runtime.schedules.actions import FB, Compute
 from topology.cluster import Cluster
-from topology.kinds import KINDS, REFERENCE_EFFICIENCY, REFERENCE_EFFICIENCY_SOURCE
+from topology.kinds import KINDS, REFERENCE_EFFICIENCY, REFERENCE_EFFICIENCY_SOURCE, REFERENCE_FLOPS, REFERENCE_KIND
 from topology.layout import Layout
 from topology.placement import rebalance
 from topology.predict import predict_traffic
 
-__all__ = ["ModelSpec", "V3_MODEL", "Item", "model_items", "split_stages", "stage_speeds", "check_mirror_kinds",
+__all__ = ["ModelSpec", "V3_MODEL", "Item", "model_items", "RankMemory", "live_points", "rank_memories", "split_stages",
+           "stage_speeds", "check_mirror_kinds",
            "EPComm", "ep_comm", "PlanConfig", "Plan", "plan_step"]
 
 _BF16, _FP32 = 2, 4
+_OPT = _FP32 + 2 * _BF16  # per parameter, sharded by ZeRO-1: FP32 master + AdamW's two moments in BF16 (V3 3.3.3)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -145,6 +151,9 @@ class Item:
     """Routed-expert weights, split over the EP group."""
     act_values_fp8: int
     """Activations kept per token that an FP8 rank stores in 1 byte (GEMM inputs it quantises)."""
+    act_values_e5m6: int
+    """Activations kept per token that an FP8 rank stores in 12 bits (V3 3.3.2: the attention output, the
+    input of the Linear after attention, in E5M6); 2 bytes on BF16 ranks."""
     act_values_bf16: int
     """Activations kept per token in BF16 on every kind."""
 
@@ -152,58 +161,158 @@ class Item:
     def fwd_flops(self) -> float:
         return self.gemm_flops + self.attn_flops
 
+    def act_bytes(self, precision: str) -> float:
+        """Activation bytes kept per token on a rank training in ``precision`` (``fp8`` or ``bf16``)."""
+        if precision == "fp8":
+            return self.act_values_fp8 + 1.5 * self.act_values_e5m6 + _BF16 * self.act_values_bf16
+        return _BF16 * (self.act_values_fp8 + self.act_values_e5m6 + self.act_values_bf16)
+
 
 def model_items(m: ModelSpec, seq: int) -> list[Item]:
     """The model as split units: the transformer blocks, then the MTP module(s), then the output head.
-    The embedding (a lookup, no FLOPs) rides with the first block."""
+    The embedding (a lookup, no FLOPs) rides with the first block.
+
+    Activations kept for the backward follow V3's memory savings (report 3.2.3 and 3.3.2): RMSNorm and
+    MLA's up-projections are recomputed, so an attention block keeps its input (BF16, for the norm), the
+    query and key/value latents with the rotary key (BF16: the recomputed norms' inputs) and the attention
+    output (E5M6); every active expert keeps its FP8 input and FP8 SwiGLU input, and recomputes the
+    SwiGLU output (the down-projection's input). Dense FFNs keep all three GEMM inputs in FP8."""
     h, n = m.hidden, m.num_heads
     attn_gemm = 2.0 * m.attention_params()
     attn_scores = 2.0 * n * (m.qk_nope_dim + m.qk_rope_dim + m.v_head_dim) * (seq + 1) / 2
-    # kept: block input, query and kv latents, attention output (norms and MLA up-projections recomputed)
-    attn_bf16 = h + m.q_lora_rank + m.kv_lora_rank + m.qk_rope_dim + n * m.v_head_dim
+    attn_bf16 = h + m.q_lora_rank + m.kv_lora_rank + m.qk_rope_dim
+    attn_e5m6 = n * m.v_head_dim
     items = []
     for i in range(m.num_layers):
         if i < m.num_dense_layers:
             ffn_gemm = 2.0 * 3 * h * m.dense_hidden
             ffn_rep, ffn_exp, moe = 3 * h * m.dense_hidden, 0, 0
             fp8 = h + 2 * m.dense_hidden + m.dense_hidden  # FFN input, SwiGLU input, down-proj input
-            bf16 = h
         else:
             active = m.top_k + m.num_shared_experts
             ffn_gemm = 2.0 * (active * m.expert_params() + h * m.num_experts)
             ffn_rep = m.num_shared_experts * m.expert_params() + h * m.num_experts
             ffn_exp, moe = m.num_experts * m.expert_params(), 1
-            fp8 = active * (h + 2 * m.moe_hidden + m.moe_hidden)
-            bf16 = h
+            fp8 = active * (h + 2 * m.moe_hidden)  # expert input, SwiGLU input; its output recomputed (V3 3.3.2)
         items.append(Item(name=f"layer{i}", gemm_flops=attn_gemm + ffn_gemm, attn_flops=attn_scores,
                           moe_layers=moe, replicated_params=m.attention_params() + ffn_rep + (m.vocab * h if i == 0 else 0),
-                          expert_params=ffn_exp, act_values_fp8=fp8, act_values_bf16=attn_bf16 + bf16))
+                          expert_params=ffn_exp, act_values_fp8=fp8, act_values_e5m6=attn_e5m6,
+                          act_values_bf16=attn_bf16 + h))  # + h: the FFN block's input (its norm recomputed)
     last = items[-1]
+    # the output head runs in BF16 (V3 3.3.1), so its input stays BF16; its BF16 logits feed the loss
     head_gemm = 2.0 * h * m.vocab
     for j in range(m.num_mtp):
-        # MTP: projection of [hidden; embedding] (2h -> h), one MoE block, the shared output head
+        # MTP: projection of [hidden; embedding] (2h -> h), one MoE block, the output head -- embedding and
+        # head are the main model's (V3 2.2: shared, physically, because DualPipe puts both on one rank),
+        # so only the projection and the block add weights
         items.append(Item(name=f"mtp{j}", gemm_flops=2.0 * 2 * h * h + last.gemm_flops + head_gemm,
                           attn_flops=last.attn_flops, moe_layers=1, replicated_params=2 * h * h + last.replicated_params,
-                          expert_params=last.expert_params, act_values_fp8=last.act_values_fp8,
-                          act_values_bf16=last.act_values_bf16 + 2 * h + m.vocab))
+                          expert_params=last.expert_params, act_values_fp8=last.act_values_fp8 + 2 * h,
+                          act_values_e5m6=last.act_values_e5m6, act_values_bf16=last.act_values_bf16 + h + m.vocab))
     items.append(Item(name="head", gemm_flops=head_gemm, attn_flops=0.0, moe_layers=0, replicated_params=h * m.vocab,
-                      expert_params=0, act_values_fp8=0, act_values_bf16=h + m.vocab))
+                      expert_params=0, act_values_fp8=0, act_values_e5m6=0, act_values_bf16=h + m.vocab))
     return items
 
 
-def split_stages(costs: list[float], speeds: list[float]) -> list[int]:
+@dataclass(frozen=True, slots=True)
+class RankMemory:
+    """One device's memory as a function of the layer split: what it keeps for the stages it holds."""
+
+    name: str
+    """``r<pipeline rank> (<kind>)``."""
+    stages: tuple[int, ...]
+    """Model stages it holds (two for DualPipe / DualPipeV)."""
+    live: tuple[tuple[int, ...], ...]
+    """Microbatches whose activations it keeps, per held stage (same order), at the moments that can be
+    its peak (:func:`live_points`)."""
+    state_bytes: tuple[float, ...]
+    """Per item: weights, gradients and optimizer shard it keeps when the item is on a stage it holds."""
+    act_bytes: tuple[float, ...]
+    """Per item: activation bytes of one microbatch kept until that microbatch's backward."""
+    capacity: float
+    """Bytes it has (:attr:`topology.kinds.KindSpec.memory_gb`)."""
+
+    def parts(self, counts: list[int]) -> tuple[float, float]:
+        """(state bytes, peak activation bytes) for ``counts`` items per stage."""
+        bounds = list(itertools.accumulate(counts, initial=0))
+        state = sum(sum(self.state_bytes[bounds[s]:bounds[s + 1]]) for s in self.stages)
+        acts = [sum(self.act_bytes[bounds[s]:bounds[s + 1]]) for s in self.stages]
+        return state, max(sum(v * a for v, a in zip(p, acts)) for p in self.live)
+
+    def peak(self, counts: list[int]) -> float:
+        """Peak bytes for ``counts`` items per stage."""
+        return sum(self.parts(counts))
+
+
+def live_points(schedule: Schedule, rank: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """(held stages ascending, live activations per held stage at the moments that can be the peak).
+
+    The simulator's rule, counted per stage in the rank's list order: a forward keeps one microbatch
+    of its stage, a full backward or a weight pass frees it. The peak of any non-negative weighting
+    of the stages is at a vertex of the upper convex hull of these count vectors, so only those are
+    kept (one or two held stages)."""
+    held = sorted({schedule.stage_of(rank, c) for c in schedule.chunks(rank)})
+    if len(held) > 2:
+        raise ValueError(f"{schedule.name}: rank {rank} holds {len(held)} stages; the memory model handles two")
+    pos = {st: k for k, st in enumerate(held)}
+    live = [0] * len(held)
+    points = {tuple(live)}
+    for a in schedule.ranks[rank]:
+        halves = (a.f, a.b) if isinstance(a, FB) else (a,) if isinstance(a, Compute) else ()
+        for c in halves:
+            if c.op == "F":
+                live[pos[schedule.stage_of(rank, c.chunk)]] += 1
+                points.add(tuple(live))
+        for c in halves:
+            if c.op == "W" or (c.op == "B" and not c.split):
+                live[pos[schedule.stage_of(rank, c.chunk)]] -= 1
+    if len(held) == 1:
+        return tuple(held), (max(points),)
+    front: list[tuple[int, ...]] = []  # Pareto front, first count descending (second ascending)
+    for p in sorted(points, reverse=True):
+        if not front or p[1] > front[-1][1]:
+            front.append(p)
+    hull: list[tuple[int, ...]] = []
+    for p in reversed(front):  # upper-right hull, left to right: drop points on or below a chord
+        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
+                                  - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) >= 0:
+            hull.pop()
+        hull.append(p)
+    return tuple(held), tuple(hull)
+
+
+def split_stages(costs: list[float], speeds: list[float], memory: list[RankMemory] | tuple = ()) -> list[int]:
     """Items per stage: contiguous runs of ``costs`` onto ``len(speeds)`` stages (each gets at least
     one), minimising the largest ``sum(costs of the stage) / speed of the stage`` (exact, by dynamic
-    programming). Equal speeds give the plain FLOPs-balanced split."""
+    programming) among the splits where every device of ``memory`` stays within its capacity. Equal
+    speeds give the plain FLOPs-balanced split. Raises ValueError naming the fixes when none fits."""
     n, s = len(costs), len(speeds)
     if s < 1 or n < s:
         raise ValueError(f"split: {n} layers (with MTP and head) cannot fill {s} stages with at least one each; "
                          f"use fewer pipeline stages")
     if any(v <= 0 for v in speeds):
         raise ValueError("split: stage speeds must be positive")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
+    counts = _fastest_split(costs, speeds)
+    over = [m for m in memory if m.peak(counts) > m.capacity]
+    if not over:
+        return counts
+    # the fastest split overflows some device: search the splits that fit (exact, slower)
+    fitting = _split_within(costs, speeds, memory)
+    if fitting is None:
+        worst = max(over, key=lambda m: m.peak(counts) / m.capacity)
+        raise ValueError(
+            f"memory: no split of the {n} layers (with MTP and head) over {s} stages fits every device; the "
+            f"fastest split needs {worst.peak(counts) / 1e9:.1f} GB on {worst.name} (capacity "
+            f"{worst.capacity / 1e9:.0f} GB). Fix: more pipeline stages (--pp), a larger expert-parallel group "
+            f"(--ep: fewer experts per device), fewer sequences per microbatch (--microbatch-seqs), or devices "
+            f"with more memory")
+    return fitting
+
+
+def _fastest_split(costs: list[float], speeds: list[float]) -> list[int]:
+    """The unconstrained split: dynamic programming over (stages, items), O(stages x items^2)."""
+    n, s = len(costs), len(speeds)
+    prefix = list(itertools.accumulate(costs, initial=0.0))
     inf = math.inf
     # best[k][i]: min over splits of the first i items into k stages of the slowest stage time
     best = [[inf] * (n + 1) for _ in range(s + 1)]
@@ -221,6 +330,81 @@ def split_stages(costs: list[float], speeds: list[float]) -> list[int]:
         counts.append(i - j)
         i = j
     return counts[::-1]
+
+
+def _split_within(costs: list[float], speeds: list[float], memory: list[RankMemory] | tuple) -> list[int] | None:
+    """The fastest split within every device's capacity, or None. A device's memory couples the two
+    stages it holds, which DualPipe / DualPipeV pair as s and S-1-s, so the dynamic programme fills
+    stage pairs from both ends inwards: state (i, j) = items [0, i) on the first stages, [j, n) on the
+    last ones; for each state the next pair's ranges are tried together (numpy over i', j', j)."""
+    n, num = len(costs), len(speeds)
+    for m in memory:
+        if len({min(st, num - 1 - st) for st in m.stages}) != 1:
+            raise ValueError(f"split: {m.name} holds stages {m.stages}, not a pair s, {num - 1} - s")
+    pre = np.concatenate([[0.0], np.cumsum(costs)])
+    state_pre = {m.name: np.concatenate([[0.0], np.cumsum(m.state_bytes)]) for m in memory}
+    act_pre = {m.name: np.concatenate([[0.0], np.cumsum(m.act_bytes)]) for m in memory}
+    idx = np.arange(n + 1)
+    best = np.full((n + 1, n + 1), np.inf)
+    best[0, n] = 0.0
+    back: list[tuple[np.ndarray, np.ndarray]] = []
+    for k in range(num // 2):
+        lo, hi = k, num - 1 - k  # stage lo takes [i, i'), stage hi takes [j', j)
+        rest = num - 2 * (k + 1)
+        mine = [m for m in memory if lo in m.stages or hi in m.stages]
+        new = np.full((n + 1, n + 1), np.inf)
+        from_i = np.full((n + 1, n + 1), -1)
+        from_j = np.full((n + 1, n + 1), -1)
+        for i in np.flatnonzero(np.isfinite(best).any(1)):
+            js = np.flatnonzero(np.isfinite(best[i]))
+            ip = idx[i + 1:]
+            t_lo = (pre[ip] - pre[i]) / speeds[lo]  # [i']
+            t_hi = (pre[js][None, :] - pre[idx][:, None]) / speeds[hi]  # [j', j]
+            val = np.maximum(np.maximum(best[i, js][None, None, :], t_lo[:, None, None]), t_hi[None, :, :])
+            ok = ((idx[None, :, None] - ip[:, None, None] >= rest) & (idx[None, :, None] < js[None, None, :]))
+            for m in mine:
+                sp, ap = state_pre[m.name], act_pre[m.name]
+                # per held stage: its state and activations over its range, broadcast to [i', j', j]
+                rng = {lo: ((sp[ip] - sp[i])[:, None, None], (ap[ip] - ap[i])[:, None, None]),
+                       hi: ((sp[js][None, :] - sp[idx][:, None])[None], (ap[js][None, :] - ap[idx][:, None])[None])}
+                state = sum(rng[st][0] for st in m.stages)
+                act = np.max([sum(v * rng[st][1] for v, st in zip(p, m.stages)) for p in m.live], axis=0)
+                ok &= state + act <= m.capacity
+            val = np.where(ok, val, np.inf)
+            arg = val.argmin(2)
+            v = np.take_along_axis(val, arg[..., None], 2)[..., 0]
+            better = v < new[i + 1:]
+            new[i + 1:] = np.where(better, v, new[i + 1:])
+            from_i[i + 1:] = np.where(better, i, from_i[i + 1:])
+            from_j[i + 1:] = np.where(better, js[arg], from_j[i + 1:])
+        best = new
+        back.append((from_i, from_j))
+    if num % 2:  # the middle stage takes what is left: [i, j)
+        mid = num // 2
+        t = np.where(idx[None, :] > idx[:, None], (pre[None, :] - pre[:, None]) / speeds[mid], np.inf)
+        val = np.maximum(best, t)
+        for m in memory:
+            if mid in m.stages:
+                sp, ap = state_pre[m.name], act_pre[m.name]
+                peak = (sp[None, :] - sp[:, None]) + m.live[0][0] * (ap[None, :] - ap[:, None])
+                val = np.where(peak <= m.capacity, val, np.inf)
+        i, j = np.unravel_index(int(np.argmin(val)), val.shape)
+        if not np.isfinite(val[i, j]):
+            return None
+        middle = [int(j - i)]
+    else:
+        diag = best[idx, idx]
+        i = j = int(np.argmin(diag))
+        if not np.isfinite(diag[i]):
+            return None
+        middle = []
+    front, back_counts = [], []
+    for from_i, from_j in reversed(back):
+        pi, pj = int(from_i[i, j]), int(from_j[i, j])
+        front.append(i - pi)
+        back_counts.append(pj - j)
+        i, j = pi, pj
+    return front[::-1] + middle + back_counts
 
 
 def _pp_kinds(layout: Layout) -> list[str]:
@@ -369,10 +553,37 @@ class Plan:
     """Model FLOPs / (step time x sum of every device's dense peak at its precision)."""
     device_hours_per_trillion: float
     memory_gb: dict[str, float]
-    """Per pipeline rank 'r<k> (kind)': peak memory estimate, GB."""
+    """Per pipeline rank and kind 'r<k> (kind)': peak memory estimate, GB."""
+    memory_capacity_gb: dict[str, float]
+    """Per pipeline rank and kind: the device's memory (``inf`` for a kind without figures), GB."""
+    memory_worst: str
+    """The device nearest its capacity (a ``memory_gb`` key)."""
     memory_parts: dict[str, float] = field(default_factory=dict)
-    """Components of the largest memory estimate, GB."""
+    """Components of ``memory_worst``'s estimate, GB."""
     assumptions: list[str] = field(default_factory=list)
+
+
+def rank_memories(items: list[Item], schedule: Schedule, pp_kinds: list[str], *, tokens: int, dp: int, ep: int,
+                  num_ep_groups: int) -> list[RankMemory]:
+    """Each pipeline rank's memory model (one per kind it runs on): what V3 keeps per device.
+
+    State (V3 3.3.3 and 3.2.3): BF16 weights and FP32 gradients of every stage it holds; FP32 master
+    weights and two BF16 AdamW moments sharded over the stage's data-parallel ranks (ZeRO-1), routed
+    experts over the ranks holding the same experts (one per EP group); the parameter EMA lives in
+    CPU memory (V3 3.2.3), not here. Activations: ``Item.act_bytes`` per token times the microbatch's
+    tokens, live as the schedule keeps them (:func:`live_points`: DualPipe's PP+1 at most)."""
+    out = []
+    for r, kind in enumerate(pp_kinds):
+        spec = KINDS.get(kind)
+        precision = spec.precision if spec is not None else "bf16"
+        held, live = live_points(schedule, r)
+        out.append(RankMemory(
+            name=f"r{r} ({kind})", stages=held, live=live,
+            state_bytes=tuple(i.replicated_params * (_BF16 + _FP32 + _OPT / dp)
+                              + i.expert_params / ep * (_BF16 + _FP32 + _OPT / num_ep_groups) for i in items),
+            act_bytes=tuple(i.act_bytes(precision) * tokens for i in items),
+            capacity=spec.memory_gb * 1e9 if spec is not None else math.inf))
+    return out
 
 
 def _costs_for(items: list[Item], counts: list[int], rank_speed: list[float], comm: EPComm, tokens: int,
@@ -433,13 +644,15 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
     schedule = build(c.schedule, c.pp, microbatches)
     tokens = c.microbatch_seqs * c.seq
     rank_speed = [cluster.device_speed[k] for k in pp_kinds]
-    ref = KINDS["h800"]
-    ref_flops = ref.peak_tflops * 1e12 * REFERENCE_EFFICIENCY
+    ref = KINDS[REFERENCE_KIND]
+    ref_flops = REFERENCE_FLOPS
     items = model_items(model, c.seq)
     costs_per_item = [i.fwd_flops for i in items]
     speeds = stage_speeds(schedule, rank_speed)
-    counts_speed = split_stages(costs_per_item, speeds)
-    counts_flops = split_stages(costs_per_item, [1.0] * len(speeds))
+    rank_memory = rank_memories(items, schedule, pp_kinds, tokens=tokens, dp=dp, ep=c.ep,
+                                num_ep_groups=layout.num_ep_groups)
+    counts_speed = split_stages(costs_per_item, speeds, rank_memory)
+    counts_flops = split_stages(costs_per_item, [1.0] * len(speeds), rank_memory)
     counts, alt = (counts_speed, counts_flops) if c.split == "speed" else (counts_flops, counts_speed)
     comm = ep_comm(cluster, layout, model, tokens=tokens, max_nodes=c.max_nodes, sample_tokens=c.sample_tokens)
     p2p = tokens * model.hidden * _BF16 / (cluster.inter.bandwidth_gbs * 1e9) + cluster.inter.latency_us * 1e-6
@@ -447,32 +660,30 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
     sim = simulate(schedule, costs)
     alt_sim = simulate(schedule, _costs_for(items, alt, rank_speed, comm, tokens, ref_flops, p2p)[0])
 
-    # per pipeline rank: the stages it holds, its parameters and memory
+    # ZeRO-1 after the pipeline: reduce-scatter FP32 grads + all-gather BF16 weights, ring over the inter-node link
     num_ep_groups = layout.num_ep_groups
-    memory, parts_of = {}, {}
-    dp_sync = 0.0
     bw = cluster.inter.bandwidth_gbs * 1e9
 
     def ring(n: int, nbytes: float) -> float:
         return 0.0 if n < 2 else nbytes * (n - 1) / n / bw
 
+    dp_sync = 0.0
     for r in range(c.pp):
         held = sorted({schedule.stage_of(r, ch) for ch in schedule.chunks(r)})
         rep = sum(i.replicated_params for s in held for i in stages[s]["items"])
         exp = sum(i.expert_params for s in held for i in stages[s]["items"]) / c.ep
-        params = rep + exp
-        spec = KINDS.get(pp_kinds[r])
-        act_byte = 1 if spec is not None and spec.precision == "fp8" else _BF16
-        act_stage = max(sum(i.act_values_fp8 * act_byte + i.act_values_bf16 * _BF16 for i in stages[s]["items"])
-                        for s in held) * tokens
-        parts = {"weights (BF16)": params * _BF16, "gradients (FP32)": params * _FP32,
-                 "optimizer (FP32 master + 2 BF16 moments, ZeRO-1)": rep * 8 / dp + exp * 8 / num_ep_groups,
-                 f"activations ({sim.peak_activations[r]} stage-microbatches live)": act_stage * sim.peak_activations[r]}
-        memory[f"r{r} ({pp_kinds[r]})"] = sum(parts.values()) / 1e9
-        parts_of[r] = {k: v / 1e9 for k, v in parts.items()}
-        # ZeRO-1: reduce-scatter FP32 grads + all-gather BF16 weights, ring over the inter-node link
         dp_sync = max(dp_sync, ring(dp, rep * (_FP32 + _BF16)) + ring(num_ep_groups, exp * (_FP32 + _BF16)))
-    worst = max(range(c.pp), key=lambda r: memory[f"r{r} ({pp_kinds[r]})"])
+    peak_gb = {m.name: m.peak(counts) / 1e9 for m in rank_memory}
+    capacity_gb = {m.name: m.capacity / 1e9 for m in rank_memory}
+    worst = max(rank_memory, key=lambda m: m.peak(counts) / m.capacity)
+    state, act = worst.parts(counts)
+    held_items = [i for s in worst.stages for i in stages[s]["items"]]
+    rep = sum(i.replicated_params for i in held_items)
+    exp = sum(i.expert_params for i in held_items) / c.ep
+    parts = {"weights (BF16)": (rep + exp) * _BF16, "gradients (FP32)": (rep + exp) * _FP32,
+             "optimizer (FP32 master + 2 BF16 moments, ZeRO-1)": rep * _OPT / dp + exp * _OPT / num_ep_groups,
+             "activations": act}
+    assert abs(sum(parts.values()) - state - act) <= 1e-6 * (state + act), "memory parts disagree with the split's model"
 
     step = sim.makespan + dp_sync
     flops_token = 3 * sum(i.fwd_flops for i in items)
@@ -517,9 +728,18 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
         f"pipeline message: {tokens} x {m.hidden} BF16 activations over {cluster.inter.name} = {p2p * 1e3:.2f} ms",
         f"data parallel: ZeRO-1, after the pipeline, not overlapped: reduce-scatter FP32 gradients + all-gather "
         f"BF16 weights, ring over {cluster.inter.name}: {dp_sync * 1e3:.0f} ms; optimizer arithmetic not counted",
-        "memory: activations kept per token and layer = block input, MLA latents, attention output (BF16) + every "
-        "active expert's input, SwiGLU input and down-projection input (FP8 on FP8 kinds, else BF16); norms "
-        "and MLA up-projections recomputed (V3 report 3.2.3); no activation offload, no allocator slack",
+        f"memory: BF16 weights + FP32 gradients of the stages a device holds (two in DualPipe: no more than "
+        f"that, as embedding and output head are shared with the MTP module on one rank, V3 2.2); FP32 master "
+        f"+ two BF16 AdamW moments (V3 3.3.3) sharded over {dp} data-parallel ranks (ZeRO-1), experts' over "
+        f"{layout.num_ep_groups}; parameter EMA in CPU memory (V3 3.2.3); no allocator slack",
+        "activations kept per token and layer (V3 3.2.3, 3.3.2): RMSNorm and MLA up-projections recomputed, so "
+        "block input, FFN input, MLA latents and rotary key in BF16, attention output in E5M6 (1.5 bytes), every "
+        "active expert's input and SwiGLU input in FP8, SwiGLU output recomputed (dense FFN: all three GEMM "
+        "inputs in FP8); BF16 kinds keep all of it in BF16; head and MTP keep their BF16 inputs and logits; "
+        "live microbatches per held stage from the schedule's order (DualPipe: PP+1 at most)",
+        "memory capacity per kind (topology/kinds.py KINDS memory_gb): " + ", ".join(
+            f"{k} {KINDS[k].memory_gb:g} GB" if k in KINDS else f"{k} unknown (not checked)"
+            for k in sorted(set(pp_kinds))) + "; the layer split keeps every device within it",
         "not modelled: expert-load imbalance, stragglers, failures/restarts, evaluation, checkpointing",
     ]
     return Plan(config=c, num_devices=cluster.num_devices, dp=dp, microbatches=microbatches,
@@ -529,5 +749,6 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
                 alt_bubble_fraction=alt_idle / alt_sim.makespan, alt_pipeline_seconds=alt_sim.makespan,
                 dp_sync_seconds=dp_sync, step_seconds=step, comm=comm,
                 comm_hidden=_hidden_fraction(schedule, sim, stages, rank_speed),
-                model_flops_per_token=flops_token, mfu=mfu, device_hours_per_trillion=hours, memory_gb=memory,
-                memory_parts=parts_of[worst], assumptions=assumptions)
+                model_flops_per_token=flops_token, mfu=mfu, device_hours_per_trillion=hours, memory_gb=peak_gb,
+                memory_capacity_gb=capacity_gb, memory_worst=worst.name,
+                memory_parts={k: v / 1e9 for k, v in parts.items()}, assumptions=assumptions)

@@ -17,7 +17,7 @@ from pathlib import Path
 from actors.model import ModelConfig
 from actors.optim import OptimConfig
 from kernels import backend_for
-from runtime.schedules import SCHEDULE_NAMES
+from runtime.schedules import KINDS_TABLE, SCHEDULE_NAMES
 
 __all__ = ["PipelineConfig", "TrainConfig", "load_toml", "from_dict", "resolve_precision"]
 
@@ -58,7 +58,8 @@ class PipelineConfig:
 
     @property
     def num_stages(self) -> int:
-        return 2 * self.pp if self.schedule == "dualpipev" else self.pp
+        """Model stages the schedule's layout puts on ``pp`` ranks (dualpipev: 2*pp, else pp)."""
+        return KINDS_TABLE[self.schedule].num_stages(self.pp)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -86,8 +87,9 @@ class TrainConfig:
     trace: bool = True
     """Log a span for every compute, send, receive and wait (feeds the log analysis)."""
     rank_precision: list[str] | None = None
-    """Per-rank override of model.precision, one entry per pipeline rank (fp32, bf16, fp8 or auto):
-    e.g. FP8 ranks on Hopper nodes and BF16 ranks on devices without FP8 in one job."""
+    """Per-rank override of model.precision (fp32, bf16, fp8 or auto), one entry per pipeline rank
+    (all its ep ranks) or, with ep > 1, one per MPI rank (pp x ep, rank order): e.g. FP8 ranks on
+    Hopper nodes and BF16 ranks on devices without FP8 in one job, in one EP group too."""
     checkpoint_dir: str = "checkpoints"
     """Checkpoints go to CHECKPOINT_DIR/step-NNNNNNNN/ (one shard per rank, manifest written last)."""
     checkpoint_every: int = 0
@@ -117,9 +119,11 @@ class TrainConfig:
                              f"use more layers or fewer ranks")
         if self.rank_precision is not None:
             self.rank_precision = list(self.rank_precision)
-            if len(self.rank_precision) != self.pipeline.pp:
-                raise ValueError(f"rank_precision has {len(self.rank_precision)} entries for pp={self.pipeline.pp} "
-                                 f"ranks: give one per rank")
+            pp, ranks = self.pipeline.pp, self.pipeline.pp * self.pipeline.ep
+            if len(self.rank_precision) not in (pp, ranks):
+                per_rank = f" or one per rank ({ranks}, ep={self.pipeline.ep})" if ranks != pp else ""
+                raise ValueError(f"rank_precision has {len(self.rank_precision)} entries for pp={pp} ranks: give one "
+                                 f"per rank{per_rank}")
             for r, p in enumerate(self.rank_precision):
                 if p not in ("fp32", "bf16", "fp8", "auto"):
                     raise ValueError(f"rank_precision[{r}]={p!r}: choose fp32, bf16, fp8 or auto")
@@ -134,7 +138,8 @@ class TrainConfig:
 def resolve_precision(cfg: TrainConfig, rank: int, device: str = "cpu") -> str:
     """The GEMM backend rank ``rank`` runs: its rank_precision entry or model.precision, with
     ``auto`` chosen from the device (fp8 on Hopper, bf16 elsewhere) and checked that it can run."""
-    wanted = cfg.rank_precision[rank] if cfg.rank_precision else cfg.model.precision
+    per = cfg.rank_precision
+    wanted = (per[rank if len(per) > cfg.pipeline.pp else rank // cfg.pipeline.ep] if per else cfg.model.precision)
     return backend_for(device, None if wanted == "auto" else wanted)
 
 

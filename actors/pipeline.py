@@ -135,8 +135,8 @@ class StageActor(Actor):
             key[0], key[1], shape=self.act_shape, dtype=torch.float32, kind=kinds[key][0], dir=kinds[key][1],
             ring=ring) for key, ring in self._plan_rings(self.actions).items()}
         self.trace = trace
-        # DualPipe keeps two copies of every stage: chunk 0 of rank r and chunk 1 of rank pp-1-r.
-        self.mirror = schedule.pp - 1 - self.rank if schedule.name == "dualpipe" else None
+        # The rank holding the other copy of my stages (DualPipe: my chunk c is its chunk 1 - c), if any.
+        self.mirror = schedule.mirror_of(self.rank)
         # Where each chunk's gradients become final: its exchange with the mirror starts there and
         # travels during the rest of the step instead of after it.
         self._grads_final_after = self._plan_grads_final(self.actions) if self.mirror is not None else {}

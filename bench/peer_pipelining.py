@@ -54,6 +54,7 @@ def _peer_worker(ns: argparse.Namespace) -> int:
 
     from actors.data import SyntheticTokens
     from actors.model import ModelConfig, build_stage, loss_fn
+    from runtime.schedules import layout
 
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
@@ -86,8 +87,8 @@ def _peer_worker(ns: argparse.Namespace) -> int:
 
     results = {}
     for name in ns.peer:
-        num_stages = 2 * pp if name == "dualpipev" else pp
-        ids = [rank, num_stages - 1 - rank] if name == "dualpipev" else [rank]
+        lay = layout(name, pp)  # the project's stage placement, which the peer's V layout shares
+        num_stages, ids = lay.num_stages, list(lay.stages[rank])
         mods = [OutputOnly(build_stage(cfg, s, num_stages, seed=ns.seed)) for s in ids]
         stages = [PipelineStage(m, s, num_stages, torch.device("cpu")) for m, s in zip(mods, ids)]
         if name == "dualpipev":

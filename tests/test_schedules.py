@@ -253,6 +253,79 @@ def test_layout_helpers():
         d.global_mb(1, 10)
 
 
+def _stages_from_messages(s: Schedule) -> dict[tuple[int, int, int], int]:
+    """(rank, chunk, dir) -> the stage it runs, read off the actions alone (no layout helper): a
+    microbatch's first forward is the one nothing feeds; an activation Send matched FIFO with its
+    Recv, or a local hand-off (a forward with no Recv, fed by the rank's earlier forward of the
+    same microbatch), moves it one stage on."""
+    queues: dict[tuple, list] = defaultdict(list)
+    for r, actions in enumerate(s.ranks):
+        for a in actions:
+            if isinstance(a, Send) and a.kind == "act":
+                queues[(r, a.peer, a.tag)].append((r, a.chunk, a.dir, a.mb))
+    producer: dict[tuple, tuple] = {}  # F (rank, chunk, dir, mb) -> the F whose output it takes
+    entries = []
+    for r, actions in enumerate(s.ranks):
+        taken: Counter = Counter()
+        earlier: dict[tuple, tuple] = {}  # (dir, mb) -> this rank's latest F of it so far
+        for a in actions:
+            if isinstance(a, Recv) and a.kind == "act":
+                key = (a.peer, r, a.tag)
+                producer[(r, a.chunk, a.dir, a.mb)] = queues[key][taken[key]]
+                taken[key] += 1
+            for c in halves(a) if isinstance(a, (Compute, FB)) else ():
+                if c.op != "F":
+                    continue
+                f = (r, c.chunk, c.dir, c.mb)
+                if f not in producer:
+                    if (c.dir, c.mb) in earlier:
+                        producer[f] = earlier[(c.dir, c.mb)]
+                    else:
+                        entries.append(f)
+                earlier[(c.dir, c.mb)] = f
+    consumer = {p: f for f, p in producer.items()}
+    assert len(consumer) == len(producer), "an output feeds two forwards"
+    stage: dict[tuple, int] = {}
+    for f in entries:
+        k = 0
+        while True:
+            key = (f[0], f[1], f[2])
+            assert stage.setdefault(key, k) == k, f"{key} runs stages {stage[key]} and {k}"
+            if f not in consumer:
+                break
+            f, k = consumer[f], k + 1
+        assert k == s.num_stages - 1, f"{f}: a microbatch passes {k + 1} stages, not {s.num_stages}"
+    assert len(entries) == s.microbatches
+    return stage
+
+
+@pytest.mark.parametrize("name,pp,m", [("dualpipe", 2, 4), ("dualpipe", 4, 8), ("dualpipe", 8, 20),
+                                       ("dualpipev", 1, 2), ("dualpipev", 3, 7), ("dualpipev", 4, 10),
+                                       ("1f1b", 3, 5), ("zb1p", 4, 6)])
+def test_layout_values_agree_with_the_generated_actions(name, pp, m):
+    """The layout's tables (stage_of, place, mirrors) against the stage each chunk runs as read off
+    the actions' message flow. Catches a layout row or table that disagrees with what the
+    generators emit, e.g. DualPipe's second direction placed on chunk 0, or a mirror table that
+    pairs ranks not holding the same stages (the executor would then add another stage's gradients)."""
+    s = build(name, pp, m)
+    lay = s.layout
+    derived = _stages_from_messages(s)
+    assert {(r, c) for r, c, _ in derived} == {(r, c) for r in range(pp) for c in lay.chunks(r)}
+    for (r, c, d), stage in derived.items():
+        assert lay.stage_of(r, c) == stage == expected_stage(name, pp, r, c)
+        assert lay.place(d, stage) == (r, c)
+    assert sorted(lay.directions) == sorted({d for _, _, d in derived})
+    held = {r: sorted(st for (q, _, _), st in derived.items() if q == r) for r in range(pp)}
+    for r in range(pp):
+        mirror = lay.mirror_of(r)
+        if mirror is None:  # nobody else holds these stages
+            assert all(held[q] != held[r] for q in range(pp) if q != r)
+            continue
+        assert mirror != r and lay.mirror_of(mirror) == r and held[mirror] == held[r]
+    copies = 2 if name == "dualpipe" else 1
+    assert sum(lay.mirror_of(r) is not None for r in range(pp)) == (pp if copies == 2 else 0)
+
+
 # ---------------------------------------------------------------- properties of every schedule
 
 costs_st = st.builds(

@@ -43,6 +43,7 @@ import torch
 
 from runtime.schedules import Costs, Schedule, SimResult, build, simulate
 from runtime.schedules.actions import FB, Compute
+from runtime.schedules import layout as schedule_layout
 from topology.cluster import Cluster
 from topology.kinds import KINDS, REFERENCE_EFFICIENCY, REFERENCE_EFFICIENCY_SOURCE, REFERENCE_FLOPS, REFERENCE_KIND
 from topology.layout import Layout
@@ -423,15 +424,13 @@ def _pp_kinds(layout: Layout) -> list[str]:
 
 
 def check_mirror_kinds(schedule_name: str, pp_kinds: list[str]) -> None:
-    """DualPipe: ranks r and pp-1-r hold the same two stages (mirror copies), so they must be of one
-    kind, or one copy of every stage runs slower than the other. Raises ValueError naming the fix."""
-    if schedule_name != "dualpipe":
-        return
-    pp = len(pp_kinds)
-    for r in range(pp // 2):
-        if pp_kinds[r] != pp_kinds[pp - 1 - r]:
+    """Ranks that hold the same stages (the schedule layout's mirrors: DualPipe's r and pp-1-r) must be
+    of one kind, or one copy of every stage runs slower than the other. Raises ValueError naming the fix."""
+    lay = schedule_layout(schedule_name, len(pp_kinds))
+    for r, m in enumerate(lay.mirrors):
+        if m is not None and r < m and pp_kinds[r] != pp_kinds[m]:
             raise ValueError(
-                f"dualpipe: pipeline ranks {r} ({pp_kinds[r]}) and {pp - 1 - r} ({pp_kinds[pp - 1 - r]}) hold the same "
+                f"{schedule_name}: pipeline ranks {r} ({pp_kinds[r]}) and {m} ({pp_kinds[m]}) hold the same "
                 f"two stages and must be of one kind; order the cluster's nodes so that mirror ranks r and pp-1-r "
                 f"match, or use --schedule dualpipev (one copy of each stage)")
 

@@ -3,7 +3,7 @@
 A schedule lists, for each pipeline rank, the actions that rank performs in order. Compute actions
 name a direction, a microbatch index within that direction and one of the rank's model chunks;
 :class:`Send` and :class:`Recv` name the peer and a small channel tag. An executor only walks the
-lists; everything about where stages live is answered by the pure helpers of :class:`Schedule`.
+lists; everything about where stages live is answered by the schedule's layout (:mod:`.layout`).
 
 Semantics shared by the simulator and the executor (``docs/schedules.md`` has the long form):
 
@@ -20,8 +20,10 @@ Semantics shared by the simulator and the executor (``docs/schedules.md`` has th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Union
+
+from .layout import KINDS_TABLE, ScheduleLayout, layout
 
 __all__ = [
     "OPS",
@@ -42,8 +44,8 @@ OPS = ("F", "B", "W")
 KINDS = ("act", "grad")
 """Message kinds: an activation (forward output) or a gradient w.r.t. a stage input."""
 
-SCHEDULE_NAMES = ("dualpipe", "dualpipev", "1f1b", "zb1p")
-"""Schedule names; each fixes how stages are laid out on ranks (see :class:`Schedule`)."""
+SCHEDULE_NAMES = tuple(KINDS_TABLE)
+"""Schedule names: ``("dualpipe", "dualpipev", "1f1b", "zb1p")``, the rows of the layout table."""
 
 
 def tag_for(kind: str, dir: int) -> int:
@@ -182,13 +184,14 @@ Action = Union[Compute, FB, Send, Recv]
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Schedule:
-    """A whole pipeline schedule: one ordered action list per rank, plus the stage layout.
+    """A whole pipeline schedule: one ordered action list per rank, plus its stage layout.
 
-    The layout follows from ``name``:
+    The layout (:class:`~runtime.schedules.layout.ScheduleLayout`, from the kind's row of
+    :data:`~runtime.schedules.layout.KINDS_TABLE`) answers where stages live:
 
     * ``dualpipe``: ``pp`` ranks, ``pp`` stages, two copies of the model. Rank r chunk 0 runs stage
       r for direction 0 (flows rank 0 -> pp-1); chunk 1 runs stage pp-1-r for direction 1 (flows
-      rank pp-1 -> 0). Half of the microbatches go in each direction.
+      rank pp-1 -> 0). Half of the microbatches go in each direction; rank pp-1-r is r's mirror.
     * ``dualpipev``: ``pp`` ranks, ``2 * pp`` stages in a V, one copy: rank r chunk 0 runs stage r,
       chunk 1 runs stage 2*pp-1-r. Every microbatch has direction 0 and enters at rank 0.
     * ``1f1b`` and ``zb1p``: ``pp`` ranks, ``pp`` stages, rank r chunk 0 runs stage r.
@@ -200,10 +203,10 @@ class Schedule:
     """Number of pipeline ranks (for dualpipev: half the number of stages)."""
     microbatches: int
     """Microbatches in one step, all directions together."""
-    num_stages: int
-    """Model stages: ``2 * pp`` for dualpipev, ``pp`` otherwise."""
     ranks: tuple[tuple[Action, ...], ...]
     """``ranks[r]`` is rank r's ordered action list."""
+    layout: ScheduleLayout = field(init=False, repr=False, compare=False)
+    """The stage layout of ``name`` on ``pp`` ranks (derived, not passed)."""
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULE_NAMES:
@@ -212,23 +215,24 @@ class Schedule:
             raise ValueError(f"Schedule.pp={self.pp!r}: must be a positive integer")
         if not isinstance(self.microbatches, int) or self.microbatches < 1:
             raise ValueError(f"Schedule.microbatches={self.microbatches!r}: must be a positive integer")
-        expected = 2 * self.pp if self.name == "dualpipev" else self.pp
-        if self.num_stages != expected:
-            raise ValueError(
-                f"Schedule.num_stages={self.num_stages!r}: {self.name} on {self.pp} ranks has {expected} stages"
-            )
         if len(self.ranks) != self.pp:
             raise ValueError(f"Schedule.ranks has {len(self.ranks)} lists: need one per rank (pp={self.pp})")
+        object.__setattr__(self, "layout", layout(self.name, self.pp))
+
+    @property
+    def num_stages(self) -> int:
+        """Model stages: ``2 * pp`` for dualpipev, ``pp`` otherwise."""
+        return self.layout.num_stages
 
     @property
     def num_chunks(self) -> int:
         """Model chunks per rank."""
-        return 2 if self.name in ("dualpipe", "dualpipev") else 1
+        return self.layout.num_chunks
 
     @property
     def directions(self) -> tuple[int, ...]:
         """Directions microbatches travel in: (0, 1) for dualpipe, (0,) otherwise."""
-        return (0, 1) if self.name == "dualpipe" else (0,)
+        return self.layout.directions
 
     @property
     def microbatches_per_dir(self) -> int:
@@ -237,30 +241,19 @@ class Schedule:
 
     def chunks(self, rank: int) -> tuple[int, ...]:
         """The chunk indices rank ``rank`` holds."""
-        self._check_rank(rank)
-        return tuple(range(self.num_chunks))
+        return self.layout.chunks(rank)
 
     def stage_of(self, rank: int, chunk: int) -> int:
         """Global model stage (0 = embedding end, num_stages-1 = loss end) of a rank's chunk."""
-        self._check_rank(rank)
-        if chunk not in range(self.num_chunks):
-            raise ValueError(f"chunk={chunk!r}: {self.name} ranks hold chunks 0..{self.num_chunks - 1}")
-        if chunk == 0:
-            return rank
-        return self.num_stages - 1 - rank
+        return self.layout.stage_of(rank, chunk)
 
     def place(self, dir: int, stage: int) -> tuple[int, int]:
         """``(rank, chunk)`` that runs ``stage`` for microbatches of direction ``dir``."""
-        if dir not in self.directions:
-            raise ValueError(f"dir={dir!r}: {self.name} uses directions {self.directions}")
-        if not 0 <= stage < self.num_stages:
-            raise ValueError(f"stage={stage!r}: {self.name} has stages 0..{self.num_stages - 1}")
-        if self.name == "dualpipe":
-            # Direction 1 runs the second model copy from the last rank back to the first.
-            return (stage, 0) if dir == 0 else (self.pp - 1 - stage, 1)
-        if stage < self.pp:
-            return stage, 0
-        return self.num_stages - 1 - stage, 1
+        return self.layout.place(dir, stage)
+
+    def mirror_of(self, rank: int) -> int | None:
+        """The rank holding the other copy of ``rank``'s stages (dualpipe: pp-1-rank), or None."""
+        return self.layout.mirror_of(rank)
 
     def global_mb(self, dir: int, mb: int) -> int:
         """Index of microbatch ``mb`` of direction ``dir`` in the step's data order."""
@@ -269,7 +262,3 @@ class Schedule:
         if not 0 <= mb < self.microbatches_per_dir:
             raise ValueError(f"mb={mb!r}: each direction has microbatches 0..{self.microbatches_per_dir - 1}")
         return dir * self.microbatches_per_dir + mb
-
-    def _check_rank(self, rank: int) -> None:
-        if not isinstance(rank, int) or not 0 <= rank < self.pp:
-            raise ValueError(f"rank={rank!r}: must be in 0..{self.pp - 1}")

@@ -130,12 +130,7 @@ def dualpipe(pp: int, microbatches: int) -> Schedule:
         f"dualpipe: microbatches={microbatches} must be even and >= 2*pp={2 * pp} (half enter at each end, "
         f"and the steady phase needs pp per direction); use microbatches={max(2 * pp, microbatches + microbatches % 2)}",
     )
-    layout = _layout("dualpipe", pp, microbatches)
-    orders = []
-    for r in range(pp):
-        near = 0 if r < pp // 2 else 1
-        orders.append(_dualpipe_order(pp // 2, min(r, pp - 1 - r), microbatches // 2, _Leg(near, near), _Leg(1 - near, 1 - near)))
-    return _assemble(layout, orders)
+    return _dualpipe_family(_layout("dualpipe", pp, microbatches))
 
 
 def dualpipev(pp: int, microbatches: int) -> Schedule:
@@ -146,8 +141,18 @@ def dualpipev(pp: int, microbatches: int) -> Schedule:
         f"dualpipev: microbatches={microbatches} must be >= 2*pp={2 * pp} (pp = ranks; the steady phase "
         f"needs one microbatch per stage in flight); use microbatches={2 * pp} or fewer ranks",
     )
-    layout = _layout("dualpipev", pp, microbatches)
-    orders = [_dualpipe_order(pp, r, microbatches, _Leg(0, 0), _Leg(0, 1)) for r in range(pp)]
+    return _dualpipe_family(_layout("dualpipev", pp, microbatches))
+
+
+def _dualpipe_family(layout: Schedule) -> Schedule:
+    """The DualPipe order on every rank of ``layout``, its legs read from the layout: each of a
+    rank's two chunks runs one leg (a direction); the near leg is the one with the lower stage."""
+    orders = []
+    for r in range(layout.pp):
+        legs = sorted(((layout.stage_of(r, c), _Leg(d, c)) for d in layout.directions for c in layout.chunks(r)
+                       if layout.place(d, layout.stage_of(r, c)) == (r, c)), key=lambda x: x[0])
+        (h, near), (_, far) = legs
+        orders.append(_dualpipe_order(layout.num_stages // 2, h, layout.microbatches_per_dir, near, far))
     return _assemble(layout, orders)
 
 
@@ -209,7 +214,6 @@ def _layout(name: str, pp: int, microbatches: int) -> Schedule:
         name=name,
         pp=pp,
         microbatches=microbatches,
-        num_stages=2 * pp if name == "dualpipev" else pp,
         ranks=tuple(() for _ in range(pp)),
     )
 

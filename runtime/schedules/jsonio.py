@@ -5,7 +5,8 @@
                 {"op": "SEND", "peer": 1, "kind": "act", "dir": 0, "mb": 0, "chunk": 0, "tag": 0},
                 {"op": "FB", "f": {...}, "b": {...}}, ...], ...]}
 
-``num_stages`` is not stored: it follows from the schedule name and ``pp``.
+The layout (``num_stages``, placement, mirrors) is not stored: it follows from the schedule name and
+``pp`` (:mod:`.layout`).
 """
 
 from __future__ import annotations
@@ -88,7 +89,6 @@ def from_json(d: dict[str, Any]) -> Schedule:
         name=name,
         pp=pp,
         microbatches=top["microbatches"],
-        num_stages=2 * pp if name == "dualpipev" else pp,
         ranks=tuple(ranks),
     )
 

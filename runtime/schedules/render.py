@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from .actions import FB, Compute, Schedule
 from .generators import build
+from .layout import KINDS_TABLE
 from .simulator import Costs, SimResult, closed_form, simulate
 
 __all__ = ["cell_label", "render_timeline", "render_simulation", "bubble_table", "LEGEND"]
@@ -99,7 +100,7 @@ def bubble_table(stages: Iterable[int], costs: Costs, microbatches: int | None =
     for pp_stages in stages:
         m = microbatches if microbatches is not None else 2 * pp_stages
         for name in ("1f1b", "zb1p", "dualpipe", "dualpipev"):
-            ranks = pp_stages // 2 if name == "dualpipev" else pp_stages
+            ranks = KINDS_TABLE[name].ranks_for(pp_stages)
             result = simulate(build(name, ranks, m), costs)
             cf = closed_form(name, pp_stages, costs)
             if not cf.holds:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .actions import FB, Action, Compute, Recv, Schedule, Send, tag_for
+from .layout import KINDS_TABLE
 
 __all__ = [
     "Costs",
@@ -168,6 +169,34 @@ class ClosedForm:
     (it can even be negative) and the simulator's figure is the one to use."""
 
 
+def _one_f_one_b_form(pp_stages: int, c: Costs, base: str, uniform: bool) -> dict:
+    return dict(bubble=(pp_stages - 1) * (c.f + c.b), params=1, activations=pp_stages, assumption=base, holds=uniform)
+
+
+def _zb1p_form(pp_stages: int, c: Costs, base: str, uniform: bool) -> dict:
+    return dict(bubble=(pp_stages - 1) * (c.f + c.b - 2 * c.w), params=1, activations=pp_stages,
+                assumption=f"{base}, W <= F, W <= B - W, microbatches >= PP",
+                holds=uniform and c.w <= c.f and c.w <= c.b - c.w)
+
+
+def _dualpipe_form(pp_stages: int, c: Costs, base: str, uniform: bool) -> dict:
+    if pp_stages % 2:
+        raise ValueError(f"pp_stages={pp_stages}: DualPipe and DualPipeV need an even number of stages; "
+                         f"use {pp_stages + 1}")
+    return dict(bubble=(pp_stages // 2 - 1) * (c.fb + c.b - 3 * c.w), params=2, activations=pp_stages + 1,
+                assumption=f"{base}, F = B - W >= W",
+                holds=uniform and math.isclose(c.f, c.b - c.w, rel_tol=1e-9, abs_tol=1e-12) and c.w <= c.f)
+
+
+_FORMULAS: dict[str, Callable[[int, Costs, str, bool], dict]] = {
+    "dualpipe": _dualpipe_form,
+    "dualpipev": _dualpipe_form,
+    "1f1b": _one_f_one_b_form,
+    "zb1p": _zb1p_form,
+}
+"""The published bubble / memory formulas of each schedule kind (ranks used come from its layout)."""
+
+
 def closed_form(name: str, pp_stages: int, costs: Costs) -> ClosedForm:
     """Table figures for ``name`` on ``pp_stages`` pipeline stages (PP in the README).
 
@@ -178,30 +207,11 @@ def closed_form(name: str, pp_stages: int, costs: Costs) -> ClosedForm:
     """
     if not isinstance(pp_stages, int) or pp_stages < 1:
         raise ValueError(f"pp_stages={pp_stages!r}: must be a positive integer (number of pipeline stages)")
-    c = costs
-    base = "comm = 0, equal stages"
-    uniform = c.comm == 0 and len(set(c.stage_scale)) <= 1 and len(set(c.rank_scale)) <= 1
-    if name == "1f1b":
-        return ClosedForm(bubble=(pp_stages - 1) * (c.f + c.b), params=1, activations=pp_stages,
-                          devices=pp_stages, assumption=base, holds=uniform)
-    if name == "zb1p":
-        return ClosedForm(
-            bubble=(pp_stages - 1) * (c.f + c.b - 2 * c.w), params=1, activations=pp_stages, devices=pp_stages,
-            assumption=f"{base}, W <= F, W <= B - W, microbatches >= PP",
-            holds=uniform and c.w <= c.f and c.w <= c.b - c.w,
-        )
-    if name in ("dualpipe", "dualpipev"):
-        if pp_stages % 2:
-            raise ValueError(f"pp_stages={pp_stages}: {name} needs an even number of stages; use {pp_stages + 1}")
-        return ClosedForm(
-            bubble=(pp_stages // 2 - 1) * (c.fb + c.b - 3 * c.w),
-            params=2,
-            activations=pp_stages + 1,
-            devices=pp_stages if name == "dualpipe" else pp_stages // 2,
-            assumption=f"{base}, F = B - W >= W",
-            holds=uniform and math.isclose(c.f, c.b - c.w, rel_tol=1e-9, abs_tol=1e-12) and c.w <= c.f,
-        )
-    raise ValueError(f"name={name!r}: must be one of ('dualpipe', 'dualpipev', '1f1b', 'zb1p')")
+    if name not in _FORMULAS:
+        raise ValueError(f"name={name!r}: must be one of {tuple(KINDS_TABLE)}")
+    uniform = costs.comm == 0 and len(set(costs.stage_scale)) <= 1 and len(set(costs.rank_scale)) <= 1
+    figures = _FORMULAS[name](pp_stages, costs, "comm = 0, equal stages", uniform)
+    return ClosedForm(devices=KINDS_TABLE[name].ranks_for(pp_stages), **figures)
 
 
 def _halves(a: Compute | FB) -> tuple[Compute, ...]:

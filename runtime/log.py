@@ -10,6 +10,7 @@ ranks of other hosts on rank 0's time axis. Every run gets its own folder (:func
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import secrets
@@ -88,14 +89,21 @@ def configure(*, run_id: str, rank: int, role: str, log_dir: str | os.PathLike =
     structlog.contextvars.bind_contextvars(run_id=run_id, rank=rank, host=socket.gethostname(), role=role,
                                            pid=os.getpid())
     logger = structlog.get_logger()
-    _configured.update(key=key, logger=logger, file=fh)
+    # Spans (several per pipeline action, on the step's critical path) skip the processor chain:
+    # the same line, built directly, costs about half (see record_span).
+    span_context = {"run_id": run_id, "rank": rank, "host": socket.gethostname(), "role": role, "pid": os.getpid()}
+    span_out = structlog.BytesLogger(fh).msg if levels[level] <= levels["info"] else None
+    _configured.update(key=key, logger=logger, file=fh, span_context=span_context, span_out=span_out)
     logger.info(spans.LOG_START, schema=spans.SCHEMA_VERSION, t_mono=time.monotonic_ns(), t_wall=time.time())
     return logger
 
 
+_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))
+
+
 def _dumps(obj, **kw) -> bytes:
     # BytesLogger writes bytes; unknown objects (dtypes, paths) are logged by their str().
-    return json.dumps(obj, default=str, separators=(",", ":")).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def _echo_to_stderr(logger, method: str, event: dict) -> dict:
@@ -118,8 +126,22 @@ def flush() -> None:
 
 
 def record_span(name: str, t0: int, t1: int, **fields) -> None:
-    """Log one finished span ``name`` (a :mod:`runtime.spans` name) from monotonic ``t0`` to ``t1`` (ns)."""
-    get_logger().info(spans.SPAN, span=name, t0=t0, t1=t1, dur_us=(t1 - t0) / 1e3, **fields)
+    """Log one finished span ``name`` (a :mod:`runtime.spans` name) from monotonic ``t0`` to ``t1`` (ns).
+
+    Once :func:`configure` ran, the line is written directly: the same keys and values the logger's
+    processors would add (context, level, UTC ISO timestamp), through the same locked, flushed file
+    writer, at a fraction of the cost of the structlog chain.
+    """
+    if not _configured:
+        get_logger().info(spans.SPAN, span=name, t0=t0, t1=t1, dur_us=(t1 - t0) / 1e3, **fields)
+        return
+    out = _configured["span_out"]
+    if out is None:  # spans are info lines: filtered out below the configured level
+        return
+    event = {**_configured["span_context"], "span": name, "t0": t0, "t1": t1, "dur_us": (t1 - t0) / 1e3, **fields,
+             "event": spans.SPAN, "level": "info",
+             "timestamp": datetime.datetime.now(tz=datetime.timezone.utc).isoformat().replace("+00:00", "Z")}
+    out(_dumps(event))
 
 
 @contextlib.contextmanager

@@ -52,10 +52,15 @@ def _check_expert_parallel(cfg: TrainConfig) -> None:
     if m.num_groups % nodes:
         raise ValueError(f"--nodes {nodes}: must divide model.num_groups={m.num_groups} (node-limited routing "
                          f"homes whole expert groups on the EP group's nodes); choose nodes dividing {m.num_groups}")
-    precisions = set(cfg.rank_precision or [m.precision])
-    if precisions != {"fp32"}:
-        raise ValueError(f"--ep {ep}: expert parallelism sends float32 rows only (FP8/BF16 wire not built yet); "
-                         f"run with --precision fp32 and no --rank-precision")
+    per_rank = cfg.rank_precision if cfg.rank_precision and len(cfg.rank_precision) > cfg.pipeline.pp else None
+    if per_rank:  # the two-hop dispatch sends a node one format (actors.ep_wire): one precision per node
+        size = ep // nodes
+        for first in range(0, len(per_rank), size):
+            on_node = set(per_rank[first:first + size]) - {"auto"}
+            if len(on_node) > 1:
+                raise ValueError(f"rank_precision: ranks {first}..{first + size - 1} share an emulated node (--nodes "
+                                 f"{nodes}: {size} ranks per node) but have precisions {sorted(on_node)}; give the "
+                                 f"ranks of one node one precision")
 
 
 def _check_token_file(cfg: TrainConfig) -> None:

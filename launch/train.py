@@ -244,8 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     telemetry = Telemetry(telemetry_at) if telemetry_at else None
     pipe, micro_batch, extra = comm, cfg.pipeline.micro_batch, {}
     if cfg.pipeline.ep > 1:  # pp x ep: each rank its own rows of every microbatch, experts spread over the stage
-        job = expert_parallel_job(comm, pp=cfg.pipeline.pp, ep=cfg.pipeline.ep, nodes=cfg.pipeline.nodes, model=m,
-                                  microbatches=cfg.pipeline.microbatches)
+        try:  # every rank's precision picks the wire format of the exchanges with it (actors/ep_wire.py)
+            job = expert_parallel_job(comm, pp=cfg.pipeline.pp, ep=cfg.pipeline.ep, nodes=cfg.pipeline.nodes,
+                                      model=m, microbatches=cfg.pipeline.microbatches, precisions=precisions,
+                                      trace=cfg.trace)
+        except ValueError as exc:  # the same verdict on every rank (from the gathered precisions)
+            if comm.rank == 0:
+                print(f"launch.train: bad configuration: {exc}", file=sys.stderr)
+            return 2
         if comm.rank == 0:
             print("\n".join(job.describe()), flush=True)
         pipe, micro_batch, extra = job.comms.pp, micro_batch // cfg.pipeline.ep, {"executor": job.executor}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from actors.config import resolve_precision
 from actors.preflight import preflight
 from launch.train import parse_config
 
@@ -16,7 +17,9 @@ BAD = [  # (flags, MPI ranks, phrases the message must hold)
     (["--ep", "2", "--nodes", "4"], 4, ["pipeline.nodes=4", "must divide ep=2"]),
     (["--ep", "4", "--nodes", "4", "--micro-batch", "4"], 8, ["--nodes 4", "model.num_groups=2"]),
     (["--ep", "2", "--micro-batch", "3"], 4, ["pipeline.micro_batch=3", "divisible by ep=2"]),
-    (["--ep", "2", "--precision", "bf16"], 4, ["float32 rows only", "--precision fp32"]),
+    (["--ep", "2", "--nodes", "1", "--rank-precision", "fp8,bf16,bf16,bf16"], 4,
+     ["ranks 0..1 share an emulated node", "['bf16', 'fp8']", "one precision"]),
+    (["--ep", "2", "--rank-precision", "fp8,bf16,bf16"], 4, ["rank_precision has 3 entries", "one per rank (4"]),
     (["--ep", "2", "--resume"], 4, ["no complete checkpoint", "drop --resume"]),
     (["--ep", "0"], 0, ["pipeline.ep=0", "positive integer"]),
 ]
@@ -35,3 +38,16 @@ def test_a_good_expert_parallel_layout_passes(tmp_path):
     cfg = parse_config([*BASE, "--ep", "2", "--nodes", "2", "--checkpoint-dir", str(tmp_path / "ck")])
     schedule, resume = preflight(cfg, 4)
     assert schedule.pp == 2 and resume is None and cfg.pipeline.ep == 2 and cfg.pipeline.nodes == 2
+
+
+def test_bf16_fp8_and_mixed_precisions_pass_with_expert_parallelism(tmp_path):
+    """No refusal of bf16/fp8 with --ep any more: an EP group may mix FP8 and BF16 ranks, one per node;
+    a per-rank list names each MPI rank's precision, a per-pipeline-rank list all its ep ranks'."""
+    ck = ["--checkpoint-dir", str(tmp_path / "ck")]
+    for flags in (["--precision", "bf16"], ["--precision", "fp8"], ["--rank-precision", "fp8,bf16"],
+                  ["--rank-precision", "fp8,bf16,bf16,fp8"]):
+        preflight(parse_config([*BASE, "--ep", "2", "--nodes", "2", *ck, *flags]), 4)
+    per_rank = parse_config([*BASE, "--ep", "2", "--nodes", "2", *ck, "--rank-precision", "fp8,bf16,bf16,fp8"])
+    per_pp = parse_config([*BASE, "--ep", "2", "--nodes", "2", *ck, "--rank-precision", "fp8,bf16"])
+    assert [resolve_precision(per_rank, r) for r in range(4)] == ["fp8", "bf16", "bf16", "fp8"]
+    assert [resolve_precision(per_pp, r) for r in range(4)] == ["fp8", "fp8", "bf16", "bf16"]

@@ -1,7 +1,9 @@
 """One job, two device kinds: a cluster file with emulated h800 and ascend910c nodes; launch.cluster
-gives each pipeline rank its kind's precision (FP8 on h800 -- the CPU emulation here -- and BF16 on
-910C); the job runs under real mpiexec and its loss stays within 0.25% of an all-BF16 run (the
-single-process reference at BF16, which pipeline runs match bit for bit at one precision)."""
+gives each rank its kind's precision (FP8 on h800 -- the CPU emulation here -- and BF16 on 910C).
+pp=2 x ep=2 on DualPipeV, kinds h800, ascend910c | ascend910c, h800: both pipeline boundaries join
+an FP8 and a BF16 rank, and each stage's EP group holds one FP8 and one BF16 rank. The job runs
+under real mpiexec and its loss stays within 0.25% of an all-BF16 run (the single-process
+reference at BF16), and each rank's dispatch bytes show the receiver's wire format."""
 
 from __future__ import annotations
 
@@ -14,13 +16,13 @@ from actors.reference import Reference
 from launch.cluster import launch_plan
 from launch.train import parse_config
 from tests.mpirun import mpirun
-from topology import load_cluster
+from topology import load_cluster, token_bytes
 
 pytestmark = pytest.mark.mpi
 
 KINDS = ["h800", "ascend910c", "ascend910c", "h800"]
-ARGS = ["--pp", "4", "--schedule", "dualpipe", "--microbatches", "8", "--model", "tiny", "--steps", "12",
-        "--device", "cpu", "--no-trace", "--seed", "3"]
+ARGS = ["--pp", "2", "--ep", "2", "--nodes", "2", "--schedule", "dualpipev", "--microbatches", "8", "--model", "tiny",
+        "--steps", "12", "--device", "cpu", "--no-trace", "--seed", "3"]
 
 
 def test_mixed_fp8_bf16_job_tracks_all_bf16(tmp_path):
@@ -31,7 +33,7 @@ def test_mixed_fp8_bf16_job_tracks_all_bf16(tmp_path):
     assert args[-2:] == ["--rank-precision", "fp8,bf16,bf16,fp8"]
     mpirun(4, "launch.train", *args, "--log-dir", str(tmp_path), "--run-id", "mixed", timeout=400)
 
-    backends, losses = {}, {}
+    backends, losses, sent = {}, {}, {r: {"dispatch_inter": 0, "combine-bwd_inter": 0} for r in range(4)}
     for r in range(4):
         for line in (tmp_path / "mixed" / f"rank-{r}.jsonl").read_text().splitlines():
             rec = json.loads(line)
@@ -39,7 +41,17 @@ def test_mixed_fp8_bf16_job_tracks_all_bf16(tmp_path):
                 backends[r] = rec
             elif rec.get("event") == "step" and "loss" in rec:
                 losses[rec["step"]] = rec["loss"]
+            elif rec.get("event") == "ep_step":
+                for key in sent[r]:
+                    sent[r][key] += rec["bytes"].get(key, 0)
     assert [backends[r]["backend"] for r in range(4)] == ["fp8", "bf16", "bf16", "fp8"], backends
+    # the EP boundary converts where actors/ep_wire.py says: a rank's tokens leave for the other node
+    # in that node's format (FP8 + scales to an FP8 rank, BF16 to a BF16 one) whatever its own
+    # precision, while dy (combine-bwd, the same rows) always travels BF16
+    hidden = parse_config(ARGS).model.hidden
+    for r, peer_precision in enumerate(["bf16", "fp8", "fp8", "bf16"]):
+        ratio = sent[r]["dispatch_inter"] / sent[r]["combine-bwd_inter"]
+        assert ratio == token_bytes(hidden, peer_precision) / token_bytes(hidden, "bf16"), (r, sent[r])
 
     cfg = parse_config(ARGS + ["--precision", "bf16"])
     m = cfg.model

@@ -50,13 +50,15 @@ class EPJob:
 
 
 def expert_parallel_job(world: MPI.Comm, *, pp: int, ep: int, nodes: int, model: ModelConfig, microbatches: int,
-                        num_replicas: int = 0, precisions: Sequence[str] | None = None) -> EPJob:
+                        num_replicas: int = 0, precisions: Sequence[str] | None = None,
+                        trace: bool = False) -> EPJob:
     """Split ``world`` (pp x ep ranks) as ``topology.Layout`` over ``pp * nodes`` emulated nodes of
     ``ep / nodes`` ranks (each stage's EP group spans ``nodes`` of them) and place every MoE layer's
     experts over an EP group with ``topology.rebalance`` (uniform load; ``num_replicas`` slots, 0:
     one per expert). ``precisions``: every world rank's GEMM precision (default: all
     ``model.precision``), from which each EP exchange's wire format is decided; the ranks of one
-    emulated node must share one (ValueError otherwise, on every rank alike)."""
+    emulated node must share one (ValueError otherwise, on every rank alike). ``trace``: the executor
+    logs every EP exchange as a span."""
     layout = Layout(cluster=emulated_cluster(pp * nodes, ep // nodes), pp=pp, ep=ep)
     comms = build_communicators(world, layout)
     experts = model.num_routed_experts
@@ -75,6 +77,6 @@ def expert_parallel_job(world: MPI.Comm, *, pp: int, ep: int, nodes: int, model:
 
     def executor(chunks, engine) -> EPExecutor:
         return EPExecutor(chunks, comm=comms.ep, group=group, placement=placement, engine=engine,
-                          microbatches=microbatches, precisions=group_precisions)
+                          microbatches=microbatches, precisions=group_precisions, trace=trace)
 
     return EPJob(comms=comms, layout=layout, executor=executor, placement=placement)

@@ -303,10 +303,12 @@ class EPMoE(torch.nn.Module):
              recv_rows: dict | None):
         """One exchange of ``phase`` (hop 1: between nodes, hop 2: inside the node): post it, yield it to
         the executor and count its bytes once it is done; returns the finished op."""
+        link = "inter" if hop == 1 else "intra"
         op = self._exchange_for(phase).start(sends, peers, fields, send_fields=send_fields, recv_rows=recv_rows,
-                                             layer=self.layer, mb=mb.mb, phase=f"{phase} hop{hop}")
+                                             layer=self.layer, mb=mb.mb, phase=f"{phase} hop{hop}",
+                                             link=f"{link}-node")
         yield op
-        self._count(op, phase, "inter" if hop == 1 else "intra")
+        self._count(op, phase, link)
         return op
 
     def _exchange_for(self, phase: str) -> Exchange:

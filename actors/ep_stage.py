@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from actors.ep_moe import EPMoE, MicroBatch
-from actors.fb_overlap import Steps, WaitClock, drive, run_pair
+from actors.fb_overlap import Steps, WaitClock, drive, progress_hooks, run_pair
 from actors.grad_sync import EPGradSync
 from actors.model import MoE, Stage
 from kernels import linear
@@ -136,14 +136,15 @@ class EPExecutor:
 
     comm: the ep communicator (this rank's EP group, ranks in ep order); engine: the rank's
     progress engine (the pipeline transport's), so exchanges appear in its failure report;
-    precisions: each ep rank's GEMM precision ``[ep]`` (default: all this rank's chunks').
+    precisions: each ep rank's GEMM precision ``[ep]`` (default: all this rank's chunks');
+    trace: log every exchange as a span (:class:`actors.fb_overlap.WaitClock`).
     Every rank trains on its own ``1/ep`` of each microbatch's rows: its loss and balance loss
     are weighted ``1 / (ep * microbatches)``.
     """
 
     def __init__(self, chunks: Mapping[int, Stage], *, comm: MPI.Comm, group: EPGroup,
                  placement: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], engine: Progress,
-                 microbatches: int, precisions: Sequence[str] | None = None):
+                 microbatches: int, precisions: Sequence[str] | None = None, trace: bool = False):
         me = comm.Get_rank()
         self.comm, self.ep = comm, comm.Get_size()
         self.loss_scale = 1.0 / self.ep
@@ -153,6 +154,9 @@ class EPExecutor:
         self.chunks = {c: EPChunk(stage, group=group, me=me, placement=placement, exchange=self.exchange,
                                   backward_exchange=self.backward_exchange, precisions=precisions)
                        for c, stage in chunks.items()}
+        # exchanges advance while any chunk computes (the chunks call attention / ffn one by one,
+        # so the pipeline's hooks on whole blocks never fire here)
+        progress_hooks((b for st in chunks.values() for b in st.blocks()), engine.progress)
         self._aux_grad = torch.tensor(self.loss_scale / microbatches)
         self._sync = {c: EPGradSync(comm, replicated=ch.replicated_parameters(), experts=list(ch.moe.values()))
                       for c, ch in self.chunks.items()}
@@ -160,7 +164,7 @@ class EPExecutor:
         self.overlap = True
         """FB actions interleave their forward and backward (actors/fb_overlap.py); False: one after
         the other (the bench's comparison)."""
-        self.clock = WaitClock()
+        self.clock = WaitClock(trace=trace)
         """Time blocked on exchanges: ``fb`` inside FB actions, ``other`` elsewhere."""
         self._reported: Counter[str] = Counter()
 

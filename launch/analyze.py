@@ -4,8 +4,9 @@ Prints, per rank and overall: step time, compute, communication and the part of 
 compute, idle split into waiting for input / pipeline drain / executor overhead, the measured
 bubble next to the schedule simulator's prediction for the measured F/B/W costs, tokens/s, peak
 memory, the slowest rank and stage, bubble time attributed to schedule actions (which F/B waited,
-on whom, and whether the producer was late or the message in flight), and traffic by message kind
-and link class. ``--trace`` writes a Chrome trace-event JSON (open it in ui.perfetto.dev),
+on whom, and whether the producer was late or the message in flight), traffic by message kind
+and link class, and with expert parallelism the dispatch / combine exchanges by phase and link
+class (in flight, blocked, hidden), bytes per step per link class and the expert-load balance. ``--trace`` writes a Chrome trace-event JSON (open it in ui.perfetto.dev),
 ``--png`` a timeline picture. Definitions of every figure: ``runtime/analysis/`` and the README
 section "Logs and their analysis".
 """
@@ -126,6 +127,37 @@ def print_report(r: dict, top: int) -> None:
         print(f"  {t['kind']:<8}{t['link']:<12}{t['messages']:>7}{t['bytes'] / 1e6:>10.2f} MB{t['time_ms']:>10.1f} ms")
     if r["messages_unmatched"]:
         print(f"note: {r['messages_unmatched']} scheduled messages had no send or receive span")
+    if r.get("ep_exchanges") is not None or r.get("ep_steps") is not None:
+        print_ep(r["ep_exchanges"], r["ep_steps"])
+
+
+def print_ep(ex: dict | None, eps: dict | None) -> None:
+    """The expert-parallel part of the report: exchanges by phase and link class, bytes per step,
+    expert-load balance."""
+    if ex and ex["rows"]:
+        print("\nexpert-parallel exchanges (every rank; per step, summed over ranks): in flight = post to completion, "
+              "blocked = the rank waited for it, hidden = 1 - blocked / in flight")
+        print(f"  {'phase':<18}{'link':<12}{'exch':>7}{'MB sent':>10}{'in flight ms':>14}{'blocked ms':>12}{'hidden':>8}")
+        for x in ex["rows"] + ex["links"]:
+            print(f"  {x['phase']:<18}{x['link']:<12}{x['exchanges']:>7.1f}{x['bytes'] / 1e6:>10.3f}"
+                  f"{x['in_flight_ms']:>14.1f}{x['blocked_ms']:>12.1f}{_ms(x['hidden_pct']):>7}%")
+        ctx = ex["contexts"]
+        print("  " + "; ".join(f"{'inside overlapped F&B pairs' if k == 'fb' else 'elsewhere'}: "
+                               f"{_ms(v['hidden_pct'])}% hidden ({v['in_flight_ms']:.1f} ms in flight, "
+                               f"{v['blocked_ms']:.1f} ms blocked per step)" for k, v in ctx.items()))
+    elif ex is not None:
+        print("\nexpert-parallel exchanges: no exchange spans in the analysed steps (run without --no-trace)")
+    if eps:
+        per_link = ", ".join(f"{link}-node {v['tokens'] / 1e6:.3f} MB tokens + {v['meta'] / 1e6:.3f} MB meta"
+                             for link, v in eps["bytes_per_step"].items())
+        print(f"EP bytes sent per step (ep_step logs, summed over ranks, mean of {eps['steps']} steps): {per_link}")
+        if eps["load"]:
+            worst = max(eps["load"], key=lambda x: x["worst"])
+            print("expert load max/mean (1.0 = even; group-summed, mean over steps) per pipeline rank / chunk / "
+                  "MoE layer: " + ", ".join(f"r{x['pp_rank']} c{x['chunk']} L{x['moe_layer']} {x['max_over_mean']:.2f}"
+                                            for x in eps["load"])
+                  + f"; worst {worst['worst']:.2f} (step {worst['worst_step']}, r{worst['pp_rank']} c{worst['chunk']} "
+                    f"L{worst['moe_layer']})")
 
 
 def main(argv: list[str] | None = None) -> int:

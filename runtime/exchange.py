@@ -94,7 +94,7 @@ class ExchangeOp:
     """One exchange in flight. ``received[peer]`` holds that peer's fields once ``done``."""
 
     __slots__ = ("_ex", "_fields", "_send_fields", "labels", "tags", "received", "_counts_in", "_counts_out",
-                 "_keep", "_recv_parts", "_waiting", "_open", "t_post", "sent_bytes")
+                 "_keep", "_recv_parts", "_waiting", "_open", "t_post", "t_done", "sent_bytes")
 
     def __init__(self, ex: Exchange, fields: Fields, send_fields: Fields, labels: dict, seq: int):
         self._ex = ex
@@ -110,12 +110,19 @@ class ExchangeOp:
         self._waiting: dict[int, int] = {}  # peer -> open receives (its count, then its fields)
         self._open = 0  # all open requests, sends included
         self.t_post = time.monotonic_ns()
+        self.t_done: int | None = None
+        """Monotonic ns when the last of its requests completed (``t_post`` if it posted none)."""
         self.sent_bytes: dict[int, list[int]] = {}
         """Per peer (this communicator's ranks; self excluded), bytes sent per field."""
 
     @property
     def done(self) -> bool:
         return self._open == 0
+
+    @property
+    def exchange_name(self) -> str:
+        """The name of the :class:`Exchange` (stream) it was posted on."""
+        return self._ex.name
 
     def fields_of(self, peer: int) -> tuple[Field, ...]:
         """The fields this rank receives from ``peer``."""
@@ -162,6 +169,7 @@ class ExchangeOp:
                                        f"format than this rank expects ({text}): their precisions disagree")
                 self._post_payload_recv(peer, rows)
         if self._open == 0:
+            self.t_done = time.monotonic_ns()
             self._keep.clear()
             self._counts_out.clear()
             self._ex.engine.untrack(self)
@@ -265,6 +273,8 @@ class Exchange:
             raise ValueError(f"exchange {self.name}: rank {me} receives from itself but sends itself nothing")
         if op._open:
             engine.track(op)
+        else:
+            op.t_done = op.t_post
         return op
 
     def close(self) -> None:

@@ -29,13 +29,23 @@ Every line is a JSON object with ``event``, ``timestamp`` (ISO, UTC), ``level``,
     waiting compute's chunk),
   - ``send`` / ``recv`` (one message, post to completion: ``peer``, ``channel``, ``kind``, ``mb``,
     ``chunk`` = the sender's, ``dir``, ``nbytes``, ``seq`` = its number on the (src, dst, channel)
-    stream, so a send and its receive pair up exactly).
+    stream, so a send and its receive pair up exactly),
+  - ``exchange`` (one expert-parallel exchange hop of this rank, post to completion, logged by
+    :class:`actors.fb_overlap.WaitClock`: ``exchange`` = the stream, ``phase`` such as ``dispatch
+    hop1`` / ``combine-bwd hop2``, ``link`` = ``inter-node`` (hop 1, to rail peers) or
+    ``intra-node`` (hop 2), ``layer``, ``mb`` = [dir, mb, chunk], ``nbytes`` sent by this rank,
+    ``peers`` sent to (itself excluded), ``context`` = ``fb`` inside an overlapped F&B pair else
+    ``other``, ``wait_us`` = time this rank spent blocked on it).
+
+* ``ep_step`` (every rank, once per step with expert parallelism): ``step``, ``bytes`` (sent by this
+  rank in the step per ``<phase>_<inter|intra>`` and ``..._meta``), ``expert_load`` (per chunk, per
+  MoE layer: tokens per expert summed over the EP group), ``exchange_wait_s`` (``fb`` / ``other``).
 """
 
 from __future__ import annotations
 
 __all__ = ["SCHEMA_VERSION", "KNOWN_VERSIONS", "LOG_START", "CLOCK", "CONFIG", "SPAN",
-           "STEP", "TAIL", "COMPUTE", "WAIT", "SEND", "RECV", "FIELDS", "missing_fields"]
+           "STEP", "TAIL", "COMPUTE", "WAIT", "SEND", "RECV", "EXCHANGE", "EP_STEP", "FIELDS", "missing_fields"]
 
 SCHEMA_VERSION = 1
 """Written in every ``log_start`` record."""
@@ -47,6 +57,7 @@ LOG_START = "log_start"
 CLOCK = "clock"
 CONFIG = "config"
 SPAN = "span"
+EP_STEP = "ep_step"
 
 # span names
 STEP = "step"
@@ -55,6 +66,7 @@ COMPUTE = "compute"
 WAIT = "wait"
 SEND = "send"
 RECV = "recv"
+EXCHANGE = "exchange"
 
 _MESSAGE = ("peer", "channel", "kind", "mb", "chunk", "dir", "nbytes", "seq")
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -64,6 +76,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     WAIT: ("kind", "dir", "mb", "chunk"),
     SEND: _MESSAGE,
     RECV: _MESSAGE,
+    EXCHANGE: ("exchange", "phase", "link", "layer", "mb", "nbytes", "context", "wait_us"),
 }
 """Required fields of every span name besides ``t0`` and ``t1``."""
 

@@ -535,3 +535,107 @@ def test_expert_parallel_run_is_analysed_one_pipeline_replica_at_a_time(tmp_path
         report(log, ep_index=2)
     trace = chrome_trace(log.spans, peer_rank=lambda rank, peer: peer * 2 + rank % 2)
     assert sum(e["ph"] == "s" for e in trace["traceEvents"]) == 8  # act and grad, 2 steps, 2 replicas
+
+
+# ----------------------------------------------------------------------------- expert-parallel exchanges
+def ex(t0, t1, phase, link, *, nbytes, wait_ms, context="fb", layer=3, mb=(0, 1, 0)):
+    return span("exchange", t0, t1, exchange="ep-moe-fwd", phase=phase, link=link, layer=layer, mb=list(mb),
+                nbytes=nbytes, peers=1, context=context, wait_us=wait_ms * 1e3)
+
+
+def ep_step(step, nbytes, load):
+    return {"event": "ep_step", "step": step, "bytes": nbytes, "expert_load": load,
+            "exchange_wait_s": {"fb": 0.0}}
+
+
+def ep_run() -> dict[int, list[dict]]:
+    """two_steps() at ep = 2 (world 0, 1: pipeline rank 0; world 2, 3: pipeline rank 1) with EP
+    exchange spans and ep_step records (per step: dispatch hop1 in flight 10 then 6 ms, blocked 4 then
+    0; combine hop1 4 ms all blocked; an intra-node hop2 on world rank 1) and two spans outside
+    their own rank's steps: world rank 3 at 99.5 ms (its step 0 ends at 99, rank 0's at 100) and
+    one between the steps."""
+    st = two_steps()
+    ranks = {0: st[0], 2: st[1], 1: [dict(x) for x in st[0]], 3: [dict(x) for x in st[1]]}
+    ranks[0] += [ex(20, 30, "dispatch hop1", "inter-node", nbytes=1000, wait_ms=4),
+                 ex(40, 44, "combine hop1", "inter-node", nbytes=500, wait_ms=4, context="other"),
+                 ex(220, 226, "dispatch hop1", "inter-node", nbytes=1000, wait_ms=0),
+                 ep_step(0, {"dispatch_inter": 1000, "dispatch_inter_meta": 40, "combine_inter": 500},
+                         {"0": [[1, 3], [2, 2]]}),
+                 ep_step(1, {"dispatch_inter": 1000}, {"0": [[2, 2], [4, 0]]})]
+    ranks[1] += [ex(20, 22, "dispatch hop2", "intra-node", nbytes=300, wait_ms=0),
+                 ep_step(0, {"dispatch_intra": 300}, {"0": [[0, 9], [9, 0]]}),  # ignored: rank 0 speaks for the group
+                 ep_step(1, {}, {"0": [[0, 9], [9, 0]]})]
+    ranks[2] += [ep_step(0, {}, {"1": [[3, 1]]})]
+    ranks[3] += [ex(99.5, 99.8, "dispatch hop1", "inter-node", nbytes=7, wait_ms=0.1),
+                 ex(120, 121, "dispatch hop1", "inter-node", nbytes=7, wait_ms=0.1)]
+    return ranks
+
+
+def test_ep_exchanges_by_phase_and_link_class(tmp_path):
+    """Catches: exchange spans counted by another rank's step window or outside the analysed steps
+    (the 99.5 / 120 ms spans, and step 0 when only step 1 is analysed), wait_us read as ns or
+    hidden inverted (75% = 1 - 4/16), link classes mixed in the totals, totals not per step, and the
+    FB / elsewhere split."""
+    log = read_run(write_run(tmp_path / "ep", ep_run(), config={**CONFIG_1F1B, "ep": 2}))
+    r = report(log, first=0)
+    rows = {(x["phase"], x["link"]): x for x in r["ep_exchanges"]["rows"]}
+    assert list(rows) == [("dispatch hop1", "inter-node"), ("dispatch hop2", "intra-node"),
+                          ("combine hop1", "inter-node")]
+    d = rows[("dispatch hop1", "inter-node")]
+    assert (d["exchanges"], d["bytes"]) == (1.0, 1000.0)
+    assert (d["in_flight_ms"], d["blocked_ms"], d["hidden_pct"]) == pytest.approx((8.0, 2.0, 75.0))
+    assert rows[("combine hop1", "inter-node")]["hidden_pct"] == pytest.approx(0.0)
+    links = {x["link"]: x for x in r["ep_exchanges"]["links"]}
+    assert list(links) == ["inter-node", "intra-node"]
+    assert (links["inter-node"]["bytes"], links["inter-node"]["in_flight_ms"]) == pytest.approx((1250.0, 10.0))
+    assert links["inter-node"]["hidden_pct"] == pytest.approx(60.0)
+    assert (links["intra-node"]["bytes"], links["intra-node"]["hidden_pct"]) == pytest.approx((150.0, 100.0))
+    ctx = r["ep_exchanges"]["contexts"]
+    assert ctx["fb"]["hidden_pct"] == pytest.approx(100 * (1 - 4 / 18))
+    assert ctx["other"]["hidden_pct"] == pytest.approx(0.0)
+    only1 = report(log, first=1, stop=2)["ep_exchanges"]["rows"]
+    assert [(x["phase"], x["exchanges"], x["in_flight_ms"], x["hidden_pct"]) for x in only1] == \
+        [("dispatch hop1", 1.0, pytest.approx(6.0), pytest.approx(100.0))]
+    assert report(read_run(write_run(tmp_path / "plain", two_steps())))["ep_exchanges"] is None
+
+
+def test_ep_step_bytes_per_link_and_expert_load(tmp_path):
+    """Catches: token and meta bytes mixed, bytes not summed over ranks or not averaged over steps,
+    link classes mixed, expert loads taken from every EP rank's copy (world rank 1's differ here)
+    instead of once per stage, pipeline rank taken as the world rank, the worst step misnamed."""
+    log = read_run(write_run(tmp_path / "ep", ep_run(), config={**CONFIG_1F1B, "ep": 2}))
+    e = report(log, first=0)["ep_steps"]
+    assert e["steps"] == 2
+    assert e["bytes_per_step"] == {"inter": {"tokens": 1250.0, "meta": 20.0}, "intra": {"tokens": 150.0, "meta": 0.0}}
+    assert e["bytes_by_phase"]["dispatch_inter"] == 1000.0
+    load = {(x["pp_rank"], x["chunk"], x["moe_layer"]): x for x in e["load"]}
+    assert list(load) == [(0, "0", 0), (0, "0", 1), (1, "1", 0)]
+    assert (load[0, "0", 0]["max_over_mean"], load[0, "0", 0]["worst"], load[0, "0", 0]["worst_step"]) == (1.25, 1.5, 0)
+    assert (load[0, "0", 1]["max_over_mean"], load[0, "0", 1]["worst_step"]) == (1.5, 1)
+    assert load[1, "1", 0]["max_over_mean"] == 1.5
+    bad = ep_run()
+    bad[1].append({"event": "ep_step", "bytes": {}})
+    log = read_run(write_run(tmp_path / "bad", bad, config={**CONFIG_1F1B, "ep": 2}))
+    assert any("rank-1.jsonl" in p and "ep_step record without an integer step" in p for p in log.problems)
+
+
+def test_ep_exchanges_in_trace_and_cli(tmp_path, capsys):
+    """Catches: exchange spans dropped from the trace or drawn on the compute / send tracks instead
+    of one track per link class, overlapping exchanges sharing a track, a label without phase /
+    layer / microbatch, and the CLI not printing the EP table."""
+    log = read_run(write_run(tmp_path / "ep", ep_run(), config={**CONFIG_1F1B, "ep": 2}))
+    ranks = {r: list(recs) for r, recs in log.spans.items()}
+    ranks[0].append(ex(25, 35, "combine-bwd hop1", "inter-node", nbytes=1, wait_ms=0, mb=(1, 0, 1)))  # overlaps
+    ev = chrome_trace(ranks)["traceEvents"]
+    tracks = {(e["pid"], e["tid"]): e["args"]["name"] for e in ev if e["name"] == "thread_name"}
+    exch = [e for e in ev if e["ph"] == "X" and e["cat"] == "exchange"]
+    assert len(exch) == sum(s["span"] == "exchange" for recs in ranks.values() for s in recs) == 7
+    assert {tracks[e["pid"], e["tid"]] for e in exch if e["args"]["link"] == "inter-node"} == \
+        {"ep inter-node", "ep inter-node #2"}
+    assert {tracks[e["pid"], e["tid"]] for e in exch if e["args"]["link"] == "intra-node"} == {"ep intra-node"}
+    assert {e["name"] for e in exch if e["pid"] == 1} == {"dispatch hop2 L3 mb1 d0 c0"}
+    assert _no_overlap_per_track(ev)
+    assert analyze.main([str(tmp_path / "ep"), "--steps", "0:2"]) == 0
+    out = capsys.readouterr().out
+    assert "expert-parallel exchanges" in out and "dispatch hop1" in out and "75.0%" in out
+    assert "inter-node 0.001 MB tokens + 0.000 MB meta" in out and "worst 2.00 (step 1, r0 c0 L1)" in out

@@ -44,6 +44,8 @@ class RunLog:
     ``measured_ns`` (the logged estimate), ``rtt_ns``."""
     progress: list[dict] = field(default_factory=list)
     """Rank 0's per-step ``step`` events (loss, grad norm, seconds)."""
+    ep_steps: dict[int, list[dict]] = field(default_factory=dict)
+    """Per rank, its ``ep_step`` records (expert parallelism: bytes per phase and link, expert loads)."""
     problems: list[str] = field(default_factory=list)
     """``file:line: why`` of every skipped line, and notes on unaligned clocks."""
 
@@ -69,7 +71,7 @@ def newest_run(log_dir: str | Path) -> Path:
 
 
 def _read_rank(path: Path, rank: int, problems: list[str]) -> dict:
-    out = {"spans": [], "config": None, "clock": None, "host": None, "progress": [], "schema": None}
+    out = {"spans": [], "config": None, "clock": None, "host": None, "progress": [], "ep_steps": [], "schema": None}
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
@@ -111,6 +113,11 @@ def _read_rank(path: Path, rank: int, problems: list[str]) -> dict:
                 out["config"] = rec
             elif event == "step" and "loss" in rec:
                 out["progress"].append(rec)
+            elif event == spans.EP_STEP:
+                if isinstance(rec.get("step"), int) and isinstance(rec.get("bytes"), dict):
+                    out["ep_steps"].append(rec)
+                else:
+                    problems.append(f"{where}: ep_step record without an integer step and a bytes table, skipped")
     if out["schema"] is None:
         raise LogError(f"{path}: no log_start record (empty or cut-off log of rank {rank})")
     return out
@@ -147,4 +154,6 @@ def read_run(run_dir: str | Path) -> RunLog:
                 rec["t0"] += off
                 rec["t1"] += off
         log.spans[r] = got["spans"]
+        if got["ep_steps"]:
+            log.ep_steps[r] = got["ep_steps"]
     return log

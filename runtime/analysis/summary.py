@@ -3,7 +3,9 @@
 ``launch.analyze`` prints): per rank and overall step time, compute, communication and how much of
 it was hidden under compute, idle split into waiting for input / pipeline drain / executor
 overhead, measured bubble next to the simulator's, tokens/s, peak memory, the slowest rank and
-stage, bubble time attributed to schedule actions, and traffic by link class.
+stage, bubble time attributed to schedule actions, and traffic by link class; with expert
+parallelism, the EP exchanges by phase and link class and the expert-load balance
+(:mod:`runtime.analysis.exchanges`).
 
 Definitions of the figures: :mod:`runtime.analysis.steps` (idle split),
 :mod:`runtime.analysis.messages` (communication, hidden, traffic),
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from runtime.analysis.attribution import attribute_waits, pipeline_enders, waited_on
+from runtime.analysis.exchanges import ep_step_figures, exchange_table
 from runtime.analysis.load import LogError, RunLog
 from runtime.analysis.messages import Message, fb_overlap, hop_latency, host_link_class, match_messages, plan, traffic
 from runtime.analysis.predict import (compute_means, costs_from_means, predicted_waits, stage_means,
@@ -246,4 +249,7 @@ def report(log: RunLog, *, first: int | None = None, stop: int | None = None, ep
         "pipeline_end": pipeline_enders(steps),
         "traffic": traffic(rep.records, link_class or host_link_class(rep.hosts), window),
         "messages_unmatched": s["messages_unmatched"],
+        # expert parallelism: every world rank's exchanges, by each rank's own step boundaries
+        "ep_exchanges": exchange_table(log.spans, {st.step for st in steps}) if rep.ep > 1 else None,
+        "ep_steps": ep_step_figures(log.ep_steps, {st.step for st in steps}, rep.ep) if rep.ep > 1 else None,
     }

@@ -2,7 +2,9 @@
 
 One process per rank (named ``rank R (host)``), and within it separate tracks (threads), because
 Perfetto does not draw overlapping events on one track: ``step``; ``compute`` (F/B/W, the waits
-before them and the step-end tail); ``send``; ``recv``. Events of one kind that overlap in time
+before them and the step-end tail); ``send``; ``recv``; with expert parallelism ``ep inter-node``
+and ``ep intra-node`` (each dispatch / combine hop, post to completion, by its link class; named
+like ``dispatch hop1 L3 mb2 d0 c1``, ``wait_us`` in its args = the time the rank blocked on it). Events of one kind that overlap in time
 (several sends in flight at once) get extra tracks (``send #2``, ...) so no two events on a track
 overlap. Every logged span is one complete (``X``) event on rank 0's clock, in µs from the earliest
 span; computes are named ``F mb3 d0 c1`` (op, microbatch, direction, chunk; ``[FB]`` marks a half
@@ -23,6 +25,14 @@ __all__ = ["chrome_trace", "write_trace", "span_label"]
 _GROUP = {spans.STEP: ("step", 1), spans.COMPUTE: ("compute", 100), spans.WAIT: ("compute", 100),
           spans.TAIL: ("compute", 100), spans.SEND: ("send", 200), spans.RECV: ("recv", 300)}
 _OTHER = ("other", 400)
+_EP_LINKS = {"inter-node": ("ep inter-node", 500), "intra-node": ("ep intra-node", 600)}
+
+
+def _group(rec: dict) -> tuple[str, int]:
+    """(track name, first thread id) of a span: EP exchanges get a track per link class."""
+    if rec["span"] == spans.EXCHANGE:
+        return _EP_LINKS.get(rec.get("link"), (f"ep {rec.get('link')}", 700))
+    return _GROUP.get(rec["span"], _OTHER)
 
 
 def span_label(rec: dict, fb_halves: frozenset = frozenset(), rank: int | None = None) -> str:
@@ -37,6 +47,10 @@ def span_label(rec: dict, fb_halves: frozenset = frozenset(), rank: int | None =
         return f"send {rec['kind']} mb{rec['mb']} d{rec['dir']} -> r{rec['peer']}"
     if kind == spans.RECV:
         return f"recv {rec['kind']} mb{rec['mb']} d{rec['dir']} <- r{rec['peer']}"
+    if kind == spans.EXCHANGE:
+        mb = rec["mb"]
+        where = f"mb{mb[1]} d{mb[0]} c{mb[2]}" if isinstance(mb, list) and len(mb) == 3 else f"mb{mb}"
+        return f"{rec['phase']} L{rec['layer']} {where}"
     if kind in (spans.STEP, spans.TAIL):
         return f"{kind} {rec['step']}"
     return str(kind)
@@ -77,7 +91,7 @@ def chrome_trace(records: dict[int, list[dict]], *, hosts: dict[int, str] | None
         events.append({"ph": "M", "name": "process_sort_index", "pid": rank, "tid": 0, "args": {"sort_index": rank}})
         groups: dict[tuple[str, int], list[dict]] = {}
         for s in sel[rank]:
-            groups.setdefault(_GROUP.get(s["span"], _OTHER), []).append(s)
+            groups.setdefault(_group(s), []).append(s)
         for (gname, tid0), recs in sorted(groups.items(), key=lambda g: g[0][1]):
             lanes = _lanes(recs)
             for k in sorted(set(lanes)):

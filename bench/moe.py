@@ -10,13 +10,17 @@ is the slowest rank's time of ``--iters`` dispatch + combine pairs):
 
 * ``two-hop``: :class:`actors.ep_moe.EPMoE`'s dispatch and combine (hop 1 once per (token, node)
   to the rail peer, hop 2 fan-out inside the node, combine summed per node), over
-  :mod:`runtime.exchange` (point-to-point, counts first);
+  :mod:`runtime.exchange` (point-to-point, counts first), float32 rows (fp32 expert ranks);
+* ``two-hop-fp8``: the same with fp8 expert ranks: FP8 + 1x128 scales dispatch (quantized by the
+  sender, included in the time), BF16 combine (:mod:`actors.ep_wire`);
 * ``flat-p2p``: one hop, once per (token, destination rank), over the same exchange;
 * ``flat-a2av``: the same flat traffic as MPI collectives: ``Alltoall`` of the counts, then one
   ``Ialltoallv`` per field (token rows, gate weights, slot ids; the combine one of token rows).
 
 Identity experts (the holder returns what it received): only communication and the
-permutations are timed. Wire rows are float32 (what the fp32 path ships).
+permutations are timed. The flat variants ship float32 rows (what the fp32 path ships). The
+bytes every rank sent in one dispatch + combine of ``two-hop`` and ``two-hop-fp8`` are counted
+(``EPMoE.traffic``) and printed side by side: the measured FP8/BF16 wire against float32.
 
 On one host every "link" is shared memory: the inter-node hop is no slower than the intra-node
 one, so two-hop's advantage (each token crosses the slow link once per node, not once per
@@ -40,6 +44,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+import dataclasses
+
 from actors.ep_moe import EPMoE, MicroBatch, run_comm
 from actors.model import ModelConfig, MoE
 from bench.output import write_result
@@ -48,7 +54,7 @@ from runtime.progress import Progress
 from topology import (Layout, choose_replicas, emulated_cluster, hop_cost, plan_dispatch, rebalance, select_experts,
                       token_bytes)
 
-VARIANTS = ("two-hop", "flat-p2p", "flat-a2av")
+VARIANTS = ("two-hop", "two-hop-fp8", "flat-p2p", "flat-a2av")
 EXPERTS, TOP_K, GROUPS = 32, 8, 2
 
 
@@ -119,29 +125,36 @@ def main(argv: list[str] | None = None) -> int:
     phy2log, log2phy, logcnt = rebalance(torch.ones(1, EXPERTS), EXPERTS, GROUPS, 2, 4)
     engine = Progress(timeout_s=120)
     ex = Exchange(comm, engine, name="bench-moe")
-    ep = EPMoE(MoE(c, torch.Generator().manual_seed(0)), group=group, me=me, phy2log=phy2log[0],
-               log2phy=log2phy[0], logcnt=logcnt[0], exchange=ex, layer=0)
+    placed = dict(group=group, me=me, phy2log=phy2log[0], log2phy=log2phy[0], logcnt=logcnt[0], exchange=ex)
+    ep = EPMoE(MoE(c, torch.Generator().manual_seed(0)), layer=0, **placed)
+    c8 = dataclasses.replace(c, precision="fp8")
+    ep8 = EPMoE(MoE(c8, torch.Generator().manual_seed(0)), layer=1, **placed)
     gen = torch.Generator().manual_seed(100 + me)
     h = torch.randn(ns.tokens, ns.hidden, generator=gen)
     w, idx = select_experts(torch.rand(ns.tokens, EXPERTS, generator=gen), None, num_groups=GROUPS,
                             topk_groups=GROUPS, top_k=TOP_K, route_scale=1.0)
     phys = choose_replicas(idx, phy2log[0], log2phy[0], logcnt[0], num_groups=GROUPS, num_nodes=2, num_devices=4)
-    flat = Flat(comm, ex, phys, EXPERTS // 4, ep.fields_dispatch)
+    flat = Flat(comm, ex, phys, EXPERTS // 4, ep.wire.dispatch_fields())
 
-    def two_hop() -> None:
+    def two_hop(layer: EPMoE) -> None:
         mb = MicroBatch(0)
         mb.h, mb.w, mb.phys = h, w, phys
-        run_comm(ep.dispatch(mb))
+        run_comm(layer.dispatch(mb))
         mb.out = mb.xr.detach()
-        run_comm(ep.combine(mb))
+        run_comm(layer.combine(mb))
 
-    run = {"two-hop": two_hop, "flat-p2p": lambda: flat.p2p((h, w, phys)),
-           "flat-a2av": lambda: flat.a2av((h, w, phys))}
+    run = {"two-hop": lambda: two_hop(ep), "two-hop-fp8": lambda: two_hop(ep8),
+           "flat-p2p": lambda: flat.p2p((h, w, phys)), "flat-a2av": lambda: flat.a2av((h, w, phys))}
     for f in run.values():  # warm-up: first-touch of buffers, MPI connections
         f()
+    wire_bytes = {}  # bytes all ranks sent in one dispatch + combine, per phase and link
+    for name, layer in (("fp32", ep), ("fp8", ep8)):
+        layer.traffic.clear()
+        two_hop(layer)
+        wire_bytes[name] = {k: comm.allreduce(v) for k, v in sorted(layer.traffic.items())}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(ns.rounds):
-        for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:  # rotate the order every round
+        for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:  # rotate the order every round
             comm.Barrier()
             t0 = time.perf_counter()
             for _ in range(ns.iters):
@@ -179,16 +192,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"EP dispatch + combine, 4 ranks as 2 emulated nodes x 2 (one host: both hops are shared memory), "
               f"{ns.tokens} tokens/rank, hidden {ns.hidden} fp32, top-{TOP_K} of {EXPERTS}, median of {ns.rounds} "
               f"interleaved rounds")
-        print(f"{'variant':<11}{'measured ms':>12}{'vs flat-a2av':>14}")
+        print(f"{'variant':<13}{'measured ms':>12}{'vs flat-a2av':>14}")
         for v in VARIANTS:
-            print(f"{v:<11}{med[v] * 1e3:>12.3f}{med[v] / med['flat-a2av']:>14.2f}")
+            print(f"{v:<13}{med[v] * 1e3:>12.3f}{med[v] / med['flat-a2av']:>14.2f}")
         print("cost model at V3 link speeds (IB 50 GB/s, NVLink 160 GB/s per device), same token counts:")
         print(f"{'wire':<18}{'two-hop us':>12}{'flat us':>10}{'ratio':>8}{'inter MB two-hop':>18}{'inter MB flat':>15}")
         for fmt, m in model.items():
             label = "fp32/fp32" if fmt == "fp32" else "fp8 disp/bf16 comb"
             print(f"{label:<18}{m['two_hop_us']:>12.1f}{m['flat_us']:>10.1f}{m['two_hop_us'] / m['flat_us']:>8.2f}"
                   f"{m['inter_bytes_two_hop'] / 1e6:>18.2f}{m['inter_bytes_flat'] / 1e6:>15.2f}")
-        write_result(ns.out, {"args": vars(ns), "times_s": times, "median_s": med, "model": model})
+        print("wire bytes of one dispatch + combine, all ranks (measured, EPMoE.traffic; tokens incl. FP8 scales, "
+              "meta = gate weights + slot ids):")
+        print(f"{'wire':<18}{'dispatch MB':>13}{'meta MB':>9}{'combine MB':>12}{'total MB':>10}{'vs fp32':>9}")
+        totals = {}
+        for name, b in wire_bytes.items():
+            disp = sum(v for k, v in b.items() if k.startswith("dispatch_") and not k.endswith("_meta"))
+            meta = sum(v for k, v in b.items() if k.endswith("_meta"))
+            comb = sum(v for k, v in b.items() if k.startswith("combine_"))
+            totals[name] = disp + meta + comb
+            label = "fp32/fp32" if name == "fp32" else "fp8 disp/bf16 comb"
+            print(f"{label:<18}{disp / 1e6:>13.3f}{meta / 1e6:>9.3f}{comb / 1e6:>12.3f}{totals[name] / 1e6:>10.3f}"
+                  f"{totals[name] / totals['fp32']:>9.3f}")
+        write_result(ns.out, {"args": vars(ns), "times_s": times, "median_s": med, "model": model,
+                              "wire_bytes": wire_bytes})
     ex.close()
     return 0
 

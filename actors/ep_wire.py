@@ -90,7 +90,8 @@ class Wire:
             return quantize_tokens(h)
         return (h.to(self.row_dtype).contiguous(),)
 
-    def decode_tokens(self, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    def decode_tokens(self, parts: Sequence[torch.Tensor]
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Received token fields -> (float32 ``[rows, hidden]`` the experts differentiate against, the
         FP8 ``(q, s)`` their GEMM reads as received, or None)."""
         if self.precision == "fp8":

@@ -23,16 +23,20 @@ per case to ``LOG_DIR/ep-results.jsonl``; a failed check aborts the job.
 
 Wire precision (same launch, hidden 256 so a token has two 1x128 scale tiles), on the pairs:
 
-* ``wire-fp8`` (ranks {0,1}, both fp8): output bit-identical to a single-process reference that
-  quantizes the tokens 1x128, runs the reference FP8 grouped GEMM and rounds what combine sends
-  to BF16 (each holder's row sum, then each node's sum); gradients against the single-process FP8
-  MoE (whose backward has no BF16 wire): calc_diff < 1e-4;
+* ``wire-fp8`` (ranks {0,1}, both fp8): output, input gradient and expert-weight gradients
+  bit-identical to a single-process reference that quantizes the tokens 1x128, runs the reference
+  FP8 grouped GEMM on those tiles and rounds what combine sends to BF16 (each holder's row sum,
+  then each node's sum), and in the backward rounds dy to BF16 on its way to the holders and each
+  holder's input gradient (then each node's sum) on its way back; the gate gradient (summed over
+  the ranks in another order) within calc_diff 1e-12. Catches tokens quantized with other scales
+  or tiles, re-rounded or unrounded combine / gradient rows, and a per-node sum rounded too often;
 * ``wire-mixed`` (rank 2 fp8, rank 3 bf16, one EP group): every field each rank received has the
   dtype its peer's precision implies (dispatch: the receiver's format -- E4M3 + float32 scales on
   the fp8 rank, BF16 on the bf16 one; combine and both backward exchanges: BF16), received token
   bytes equal sent token bytes, and the dispatch bytes equal (token, remote node) pairs x
   ``token_bytes(hidden, that node's precision)`` (fp8: hidden x 1 + ceil(hidden/128) x 4);
-  output and gradients within calc_diff < 1e-3 of the float32 single-process MoE;
+  output and gradients within calc_diff < 5e-3 of the float32 single-process MoE (FP8 E4M3 has 3
+  mantissa bits: the single-process FP8 MoE alone is ~2e-3 from float32 here, reported);
 * ``wire-mismatch`` (ranks {2,3}): a count announcing another format than the receiver expects,
   and a payload of another byte count than the receiver's buffer (rows known in advance), each
   raise ``WireMismatch`` on the receiver instead of being reinterpreted.
@@ -353,8 +357,6 @@ def run_wire_case(comm: MPI.Comm, name: str, precisions: list[str]) -> dict:
     res["traffic"] = dict(ep.traffic)
 
     # outputs and gradients
-    h_all = torch.cat(xs).reshape(-1, WIRE_HIDDEN)
-    rows = slice(me * BATCH * SEQ, (me + 1) * BATCH * SEQ)
     fp32 = _moe(base)
     xr = torch.cat(xs).requires_grad_()
     yr, aux = fp32(xr)

@@ -44,7 +44,12 @@ def test_ep_moe_layer_matches_single_process_moe(tmp_path):
 
 def _check_wire_results(wire: list[dict]) -> None:
     """The wire-precision cases of the same launch (tests/mpi/ep_checks.py)."""
-    fp8_0, fp8_1, mixed_fp8, mixed_bf16, mismatch = wire
+    by_case: dict[str, list[dict]] = {}
+    for r in wire:
+        by_case.setdefault(r["case"], []).append(r)
+    (fp8_0, fp8_1), (mixed_fp8, mixed_bf16), ep4 = by_case["wire-fp8"], by_case["wire-mixed"], by_case["wire-fp8-ep4"]
+    (mismatch,) = by_case["wire-mismatch"]
+    assert len(ep4) == 4
     tokens_fp8 = ["hidden:float8_e4m3fn", "scale:float32", "weight:float32", "slot:int64"]
     back = {"combine hop1": ["hidden:bfloat16"], "combine-bwd hop1": ["hidden:bfloat16"],
             "dispatch-bwd hop1": ["hidden:bfloat16", "weight:float32"]}
@@ -55,10 +60,16 @@ def _check_wire_results(wire: list[dict]) -> None:
     for r in (fp8_0, fp8_1, mixed_fp8):
         assert r["received_fields"] == {"dispatch hop1": tokens_fp8, **back}, r["received_fields"]
         assert r["token_bytes"] == 256 + 2 * 4  # hidden x 1 B + ceil(256/128) float32 scales
-    for r in (fp8_0, fp8_1):
-        for key in ("output", "input_grad", "expert_w13_grad", "expert_w2_grad"):
+    for r in ep4:  # 2 ranks per node: hop 2 carries the same formats inside the node
+        assert r["received_fields"] == {"dispatch hop1": tokens_fp8, "dispatch hop2": tokens_fp8, **back,
+                                        **{k.replace("hop1", "hop2"): v for k, v in back.items()}}
+    for r in (fp8_0, fp8_1, *ep4):
+        for key in ("output", "input_grad"):
             assert r[f"{key}_bit_identical"], (key, r)
-        assert r["gate_grad_calc_diff"] < 1e-12
+        for key in ("expert_w13_grad", "expert_w2_grad", "gate_grad"):
+            assert r[f"{key}_calc_diff"] < 1e-12, (key, r)
+    for r in (fp8_0, fp8_1):  # ep 2: a holder's rows arrive in the reference's token order
+        assert r["expert_w13_grad_bit_identical"] and r["expert_w2_grad_bit_identical"]
     # one FP8 and one BF16 rank in one EP group: each receives the tokens in its own format, and the
     # bytes that arrive are the pairs x the receiver's token bytes (catches a sender using its own
     # precision, or a receiver reading another dtype); within FP8's error of float32

@@ -37,6 +37,11 @@ Wire precision (same launch, hidden 256 so a token has two 1x128 scale tiles), o
   ``token_bytes(hidden, that node's precision)`` (fp8: hidden x 1 + ceil(hidden/128) x 4);
   output and gradients within calc_diff < 5e-3 of the float32 single-process MoE (FP8 E4M3 has 3
   mantissa bits: the single-process FP8 MoE alone is ~2e-3 from float32 here, reported);
+* ``wire-fp8-ep4`` (all 4 ranks, 2 nodes x 2, all fp8): as ``wire-fp8``, with hop 2 and the
+  forwarder's per-node sum of BF16 rows in the path (catches a forwarder that re-rounds each
+  holder's row or forwards FP8 tiles in another layout); output and input gradient bit-identical,
+  expert gradients within calc_diff 1e-12 (a holder's rows arrive in hop-2 order, not the
+  reference's token order, so the weight-gradient GEMM sums them in another order);
 * ``wire-mismatch`` (ranks {2,3}): a count announcing another format than the receiver expects,
   and a payload of another byte count than the receiver's buffer (rows known in advance), each
   raise ``WireMismatch`` on the receiver instead of being reinterpreted.
@@ -220,7 +225,7 @@ def _layer_pass(ep: EPMoE, x: torch.Tensor, grad_y: torch.Tensor, ops: list) -> 
     _run_logged(ep.combine_backward(mb), ops)
     ep.experts_backward(mb)
     _run_logged(ep.dispatch_backward(mb), ops)
-    ep.gate_backward(mb, grad_aux=torch.tensor(0.5))
+    ep.gate_backward(mb, grad_aux=torch.tensor(1.0 / ep.group.size))  # the ranks' balance losses: their mean
     return y.detach(), mb
 
 
@@ -296,55 +301,13 @@ def _fp8_wire_reference(moe: MoE, x: torch.Tensor, holder: torch.Tensor, group) 
     return y.view(b, s_, hidden), c.seq_aux_alpha * (f * p).sum(-1).mean()
 
 
-def run_wire_case(comm: MPI.Comm, name: str, precisions: list[str]) -> dict:
-    """One MoE layer at ep=2 (2 nodes x 1) with the given per-rank precisions: see the module docstring."""
+def _check_wire_bytes(comm: MPI.Comm, name: str, precisions: list[str], ep: EPMoE, all_phys: list, spr: int,
+                      token_in: int, token_out: int, res: dict) -> None:
+    """ep 2: the dispatch token bytes this rank received equal what its peer sent (and counted in its
+    traffic), and equal (peer token, this rank) pairs x the token bytes of this rank's precision."""
     me = comm.Get_rank()
-    base = dataclasses.replace(_config(2), hidden=WIRE_HIDDEN)
-    c = dataclasses.replace(base, precision=precisions[me])
-    xs, gs = zip(*(_inputs(base, r) for r in range(2)))
-    layout = Layout(cluster=emulated_cluster(2, 1), pp=1, ep=2)
-    group = layout.ep_group(me)
-    phy2log, log2phy, logcnt = rebalance(torch.ones(1, c.num_routed_experts), c.num_routed_experts, c.num_groups, 2, 2)
-    ex = Exchange(comm, Progress(timeout_s=60), name="ep-wire", comm_name="ep2")
-    ep = EPMoE(_moe(c), group=group, me=me, phy2log=phy2log[0], log2phy=log2phy[0], logcnt=logcnt[0], exchange=ex,
-               layer=0, precisions=precisions)
-    x = xs[me].clone().requires_grad_()
-    ops: list = []
-    y, mb = _layer_pass(ep, x, gs[me], ops)
-    res: dict = {"case": name, "precisions": precisions}
-
-    # what arrived, per phase and hop, against what the peer's precision implies
     peer = 1 - me
-    token_in = token_out = 0
-    seen = {}
-    for op in ops:
-        phase = op.labels["phase"]
-        if peer not in op.received:
-            continue
-        got = [(f.name, t.dtype) for f, t in zip(op.fields_of(peer), op.received[peer])]
-        seen[phase] = [f"{n}:{str(d).removeprefix('torch.')}" for n, d in got]
-        if phase.startswith("dispatch hop"):  # rows for this rank's experts: its own format
-            want = [("hidden", _FIELD_DTYPE[precisions[me]])] + ([("scale", torch.float32)]
-                                                                  if precisions[me] == "fp8" else [])
-            want += [("weight", torch.float32), ("slot", torch.int64)]
-            token_in += sum(t.nbytes for (n, _), t in zip(got, op.received[peer]) if n in ("hidden", "scale"))
-        elif phase.startswith("combine hop"):  # the peer's experts' outputs: BF16 from fp8 and bf16 holders
-            want = [("hidden", torch.bfloat16)]
-        elif phase.startswith("combine-bwd"):  # dy for this rank's experts
-            want = [("hidden", torch.bfloat16)]
-        else:  # dispatch-bwd: dx from the peer's experts, the gate-weight gradient in float32
-            want = [("hidden", torch.bfloat16), ("weight", torch.float32)]
-        if got != want:
-            raise AssertionError(f"{name} rank {me} {phase}: received {got} from a {precisions[peer]} peer; "
-                                 f"expected {want}")
-        if phase == "dispatch hop1":
-            token_out = sum(b for f, b in zip(op.send_fields_of(peer), op.sent_bytes[peer])
-                            if f.name in ("hidden", "scale"))
-    res["received_fields"] = seen
-    # bytes: what each rank received is what its peer sent, and is pairs x the receiver's token bytes
     peer_sent, peer_counted = comm.sendrecv((token_out, ep.traffic["dispatch_inter"]), dest=peer, source=peer)
-    all_phys = comm.allgather(mb.phys)
-    spr = c.num_routed_experts // 2
     pairs_in = sum(any(int(p) // spr == me for p in row) for row in all_phys[peer].tolist())
     want_in = pairs_in * token_bytes(WIRE_HIDDEN, precisions[me])
     res["dispatch_token_bytes_in"] = token_in
@@ -354,14 +317,65 @@ def run_wire_case(comm: MPI.Comm, name: str, precisions: list[str]) -> dict:
         raise AssertionError(f"{name} rank {me}: dispatch token bytes received {token_in}, sent by the peer "
                              f"{peer_sent} (its traffic count {peer_counted}), expected {pairs_in} pairs x "
                              f"{res['token_bytes']} = {want_in}")
+
+
+def run_wire_case(comm: MPI.Comm, name: str, precisions: list[str]) -> dict:
+    """One MoE layer over 2 emulated nodes (ep 2: one rank each; ep 4: two, so hop 2 and the
+    forwarder's per-node sum run too) with the given per-rank precisions: see the module docstring."""
+    me, size = comm.Get_rank(), comm.Get_size()
+    base = dataclasses.replace(_config(2), hidden=WIRE_HIDDEN)
+    c = dataclasses.replace(base, precision=precisions[me])
+    xs, gs = zip(*(_inputs(base, r) for r in range(size)))
+    layout = Layout(cluster=emulated_cluster(2, size // 2), pp=1, ep=size)
+    group = layout.ep_group(me)
+    phy2log, log2phy, logcnt = rebalance(torch.ones(1, c.num_routed_experts), c.num_routed_experts, c.num_groups, 2,
+                                         size)
+    ex = Exchange(comm, Progress(timeout_s=60), name="ep-wire", comm_name=f"ep{size}")
+    ep = EPMoE(_moe(c), group=group, me=me, phy2log=phy2log[0], log2phy=log2phy[0], logcnt=logcnt[0], exchange=ex,
+               layer=0, precisions=precisions)
+    x = xs[me].clone().requires_grad_()
+    ops: list = []
+    y, mb = _layer_pass(ep, x, gs[me], ops)
+    res: dict = {"case": name, "precisions": precisions}
+
+    # what arrived from each peer, per phase and hop, against what the precisions imply
+    token_in = token_out = 0
+    seen = {}
+    for op, peer in ((op, p) for op in ops for p in sorted(op.received) if p != me):
+        phase = op.labels["phase"]
+        got = [(f.name, t.dtype) for f, t in zip(op.fields_of(peer), op.received[peer])]
+        seen[phase] = [f"{n}:{str(d).removeprefix('torch.')}" for n, d in got]
+        if phase.startswith("dispatch hop"):  # rows for this node's experts: this rank's format
+            want = [("hidden", _FIELD_DTYPE[precisions[me]])] + ([("scale", torch.float32)]
+                                                                  if precisions[me] == "fp8" else [])
+            want += [("weight", torch.float32), ("slot", torch.int64)]
+            if phase == "dispatch hop1":
+                token_in += sum(t.nbytes for (n, _), t in zip(got, op.received[peer]) if n in ("hidden", "scale"))
+        elif phase.startswith("combine hop"):  # the peer's experts' outputs: BF16 from fp8 and bf16 holders
+            want = [("hidden", torch.bfloat16)]
+        elif phase.startswith("combine-bwd"):  # dy for this node's experts
+            want = [("hidden", torch.bfloat16)]
+        else:  # dispatch-bwd: dx from the peer's experts, the gate-weight gradient in float32
+            want = [("hidden", torch.bfloat16), ("weight", torch.float32)]
+        if got != want:
+            raise AssertionError(f"{name} rank {me} {phase}: received {got} from a {precisions[peer]} peer; "
+                                 f"expected {want}")
+        if phase == "dispatch hop1":
+            token_out += sum(b for f, b in zip(op.send_fields_of(peer), op.sent_bytes[peer])
+                             if f.name in ("hidden", "scale"))
+    res["received_fields"] = seen
     res["traffic"] = dict(ep.traffic)
+    all_phys = comm.allgather(mb.phys)
+    spr = c.num_routed_experts // size
+    if size == 2:
+        _check_wire_bytes(comm, name, precisions, ep, all_phys, spr, token_in, token_out, res)
 
     # outputs and gradients
     fp32 = _moe(base)
     xr = torch.cat(xs).requires_grad_()
     yr, aux = fp32(xr)
-    ((yr * torch.cat(gs)).sum() + aux).backward()  # each rank's aux weighs 0.5: their mean
-    if precisions == ["fp8", "fp8"]:
+    ((yr * torch.cat(gs)).sum() + aux).backward()
+    if set(precisions) == {"fp8"}:
         ref = _moe(c)
         holder = torch.cat(all_phys) // spr
         xq = torch.cat(xs).requires_grad_()
@@ -453,6 +467,7 @@ def main() -> None:
     results = [run_case(world, "ep4", nodes=2, per_node=2, topk_groups=2, num_replicas=8),
                run_case(world, "ep4-replicas", nodes=2, per_node=2, topk_groups=2, num_replicas=12),
                run_case(world, "ep4-maxnodes1", nodes=2, per_node=2, topk_groups=1, num_replicas=8)]
+    wire4 = world.gather(run_wire_case(world, "wire-fp8-ep4", ["fp8"] * 4))
     pair = world.Split(world.Get_rank() // 2, world.Get_rank())
     ep2 = run_case(pair, "ep2", nodes=2, per_node=1, topk_groups=2, num_replicas=8)
     wire = (run_wire_case(pair, "wire-fp8", ["fp8", "fp8"]) if world.Get_rank() < 2
@@ -465,7 +480,7 @@ def main() -> None:
             for r in results + [dict(ep2_all[0], group_ranks=[0, 1]), dict(ep2_all[2], group_ranks=[2, 3])]:
                 fh.write(json.dumps(r) + "\n")
         with open(f"{LOG_DIR}/ep-wire-results.jsonl", "a") as fh:
-            for r, w in enumerate(wire_all):
+            for r, w in [*enumerate(wire_all), *enumerate(wire4)]:
                 fh.write(json.dumps(dict(w, rank=r)) + "\n")
             fh.write(json.dumps(mismatch_all[3]) + "\n")
     print(f"rank {world.Get_rank()}: all ep checks ok", flush=True)

@@ -207,6 +207,87 @@ def test_choose_replicas_stays_on_home_nodes(shape, experts):
             assert per.max() - per.min() <= 1
 
 
+# the first implementation, kept only here as the reference (group_home_nodes is the library's)
+def _choose_replicas_loop(indices: torch.Tensor, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, *,
+                    num_groups: int, num_nodes: int, num_devices: int) -> torch.Tensor:
+    """The placement's replica rule as it was written first, one Python loop over the groups: the
+    reference the vectorised ``choose_replicas`` must equal exactly."""
+    if indices.dim() != 2:
+        raise ValueError(f"indices: shape {tuple(indices.shape)}; expected [tokens, top_k]")
+    num_replicas = phy2log.shape[0]
+    per_device = num_replicas // num_devices
+    home = group_home_nodes(phy2log[None], num_groups, num_nodes, num_devices)[0].numpy()
+    e = indices.reshape(-1).cpu().numpy()
+    num_tokens, top_k = indices.shape
+    num_experts = logcnt.shape[0]
+    if e.size and (e.min() < 0 or e.max() >= num_experts):
+        raise ValueError(f"indices: expert ids must be in 0..{num_experts - 1}")
+    tok = np.repeat(np.arange(num_tokens), top_k)
+    pair_home = home[e // (num_experts // num_groups)]
+    reach = np.zeros((num_tokens, num_nodes), dtype=bool)
+    reach[tok[pair_home >= 0], pair_home[pair_home >= 0]] = True
+    reps = log2phy.cpu().numpy()[e]  # [pairs, max replicas]
+    rep_node = np.where(reps >= 0, reps, 0) // per_device // (num_devices // num_nodes)
+    elig = (reps >= 0) & ((pair_home < 0)[:, None] | reach[tok[:, None], rep_node])
+    # group pairs by (expert, eligible set), most constrained first, hashed token order inside
+    size = elig.sum(1)
+    spread = (tok.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1 << 32)
+    order = np.lexsort((spread, *elig.T[::-1], size, e))
+    es, el = e[order], elig[order]
+    starts = np.flatnonzero(np.r_[True, (es[1:] != es[:-1]) | (el[1:] != el[:-1]).any(1)])
+    ends = np.r_[starts[1:], len(order)]
+    choice = np.empty(len(order), dtype=np.int64)
+    level = np.zeros(reps.shape[1], dtype=np.int64)
+    for k, (lo, hi) in enumerate(zip(starts, ends)):
+        if k == 0 or es[lo] != es[lo - 1]:
+            level[:] = 0  # a new expert
+        cols = np.flatnonzero(el[lo])
+        add = _water_fill_loop(level[cols], hi - lo)
+        level[cols] += add
+        choice[lo:hi] = np.repeat(cols, add)
+    phys = np.empty(len(order), dtype=np.int64)
+    phys[order] = reps[order, choice]
+    return torch.from_numpy(phys.reshape(num_tokens, top_k))
+
+
+def _water_fill_loop(level: np.ndarray, units: int) -> np.ndarray:
+    """One row of water-filling, ties to the earlier entries (the first implementation)."""
+    order = np.argsort(level, kind="stable")
+    s = level[order]
+    m = len(s)
+    k = m  # how many of the lowest entries the water reaches
+    for j in range(1, m):
+        if j * s[j] - s[:j].sum() >= units:
+            k = j
+            break
+    total = units + s[:k].sum()
+    base, extra = divmod(int(total), k)
+    add = np.zeros(m, dtype=np.int64)
+    add[:k] = base - s[:k]
+    add[:extra] += 1
+    out = np.empty(m, dtype=np.int64)
+    out[order] = add
+    return out
+
+
+@pytest.mark.parametrize("shape,experts,topk_groups", [(V3, 256, 4), (SMALL, 32, 2), ((48, 4, 1, 8), 32, 2),
+                                                        ((40, 3, 2, 4), 24, 3), ((128, 8, 8, 64), 128, 8)])
+def test_choose_replicas_equals_the_loop_reference(shape, experts, topk_groups):
+    # random loads (so replica counts and eligible sets vary) and one hot expert (as many replicas as
+    # devices), node-limited and unlimited routing, groups with and without home nodes; any change of
+    # order, tie or fill rule shows as a mismatch
+    num_replicas, num_groups, num_nodes, num_devices = shape
+    kw = dict(num_groups=num_groups, num_nodes=num_nodes, num_devices=num_devices)
+    hot = torch.full((1, experts), 1.0, dtype=torch.float64)
+    hot[0, 3] = experts / 2.0  # half the load on one expert: replicas on (nearly) every device
+    for seed in (0, 1, 3):
+        load = hot if seed == 3 else lognormal(1.5, seed, 1, experts)
+        p2l, l2p, cnt = (t[0] for t in rebalance(load, *shape))
+        for tokens in (1, 37, 1000):
+            idx = _group_limited_indices(tokens, experts, num_groups, topk_groups, 8 if experts >= 64 else 4, seed)
+            assert torch.equal(choose_replicas(idx, p2l, l2p, cnt, **kw), _choose_replicas_loop(idx, p2l, l2p, cnt, **kw))
+
+
 def test_coselect_improves_the_balance_real_routing_reaches():
     """With the groups' co-selection, off-home replicas go only where tokens reach them; on sampled
     node-limited routing (popularity ~ lognormal load, M = 4 of 8 groups) the per-device token

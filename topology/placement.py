@@ -738,7 +738,8 @@ def choose_replicas(indices: torch.Tensor, phy2log: torch.Tensor, log2phy: torch
     replicas, then in replica order) and water-filled onto their eligible replicas, so that the
     replicas' token counts end as equal as the eligibility allows. Inside a group the pairs are
     ordered by a fixed multiplicative hash of the token index, so that consecutive tokens (one
-    source rank's) spread over the replicas. Deterministic; vectorised except a loop over groups.
+    source rank's) spread over the replicas. Deterministic; vectorised over experts (a loop over an
+    expert's groups: at most its distinct eligible sets); only pairs of replicated experts are sorted.
     """
     if indices.dim() != 2:
         raise ValueError(f"indices: shape {tuple(indices.shape)}; expected [tokens, top_k]")
@@ -754,9 +755,15 @@ def choose_replicas(indices: torch.Tensor, phy2log: torch.Tensor, log2phy: torch
     pair_home = home[e // (num_experts // num_groups)]
     reach = np.zeros((num_tokens, num_nodes), dtype=bool)
     reach[tok[pair_home >= 0], pair_home[pair_home >= 0]] = True
-    reps = log2phy.cpu().numpy()[e]  # [pairs, max replicas]
-    rep_node = np.where(reps >= 0, reps, 0) // per_device // (num_devices // num_nodes)
-    elig = (reps >= 0) & ((pair_home < 0)[:, None] | reach[tok[:, None], rep_node])
+    l2p = log2phy.cpu().numpy()
+    phys = l2p[e, 0].copy()  # an expert with one replica: that one (its home replica, always eligible)
+    many = np.flatnonzero(logcnt.cpu().numpy()[e] > 1)
+    if many.size == 0:
+        return torch.from_numpy(phys.reshape(num_tokens, top_k))
+    e, tok, pair_home = e[many], tok[many], pair_home[many]
+    node_of = np.where(l2p >= 0, l2p, 0) // per_device // (num_devices // num_nodes)  # [experts, max replicas]
+    reps = l2p[e]  # [pairs, max replicas]
+    elig = (reps >= 0) & ((pair_home < 0)[:, None] | reach[tok[:, None], node_of[e]])
     # group pairs by (expert, eligible set), most constrained first, hashed token order inside
     size = elig.sum(1)
     spread = (tok.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1 << 32)
@@ -764,36 +771,44 @@ def choose_replicas(indices: torch.Tensor, phy2log: torch.Tensor, log2phy: torch
     es, el = e[order], elig[order]
     starts = np.flatnonzero(np.r_[True, (es[1:] != es[:-1]) | (el[1:] != el[:-1]).any(1)])
     ends = np.r_[starts[1:], len(order)]
-    choice = np.empty(len(order), dtype=np.int64)
-    level = np.zeros(reps.shape[1], dtype=np.int64)
-    for k, (lo, hi) in enumerate(zip(starts, ends)):
-        if k == 0 or es[lo] != es[lo - 1]:
-            level[:] = 0  # a new expert
-        cols = np.flatnonzero(el[lo])
-        add = _water_fill(level[cols], hi - lo)
-        level[cols] += add
-        choice[lo:hi] = np.repeat(cols, add)
-    phys = np.empty(len(order), dtype=np.int64)
-    phys[order] = reps[order, choice]
+    group_expert = es[starts]
+    first = np.flatnonzero(np.r_[True, group_expert[1:] != group_expert[:-1]])  # each expert's first group
+    turn = np.arange(len(starts)) - np.repeat(first, np.diff(np.r_[first, len(starts)]))
+    # an expert's groups water-fill one after another; different experts' groups are independent, so
+    # the k-th group of every expert fills at once (turns: at most the distinct eligible sets)
+    level = np.zeros((num_experts, reps.shape[1]), dtype=np.int64)
+    add = np.empty((len(starts), reps.shape[1]), dtype=np.int64)
+    for k in range(int(turn.max()) + 1):
+        g = np.flatnonzero(turn == k)
+        ex = group_expert[g]
+        add[g] = _water_fill(level[ex], el[starts[g]], ends[g] - starts[g])
+        level[ex] += add[g]
+    # inside a group, pairs (hashed order) take the columns in ascending order, add[c] pairs each
+    group = np.repeat(np.arange(len(starts)), ends - starts)
+    at = np.arange(len(order)) - starts[group]
+    choice = (np.cumsum(add, 1)[group] <= at[:, None]).sum(1)
+    phys[many[order]] = reps[order, choice]
     return torch.from_numpy(phys.reshape(num_tokens, top_k))
 
 
-def _water_fill(level: np.ndarray, units: int) -> np.ndarray:
-    """Integer amounts to add to ``level`` (summing to ``units``) that minimise the largest result;
-    ties go to the earlier entries."""
-    order = np.argsort(level, kind="stable")
-    s = level[order]
-    m = len(s)
-    k = m  # how many of the lowest entries the water reaches
-    for j in range(1, m):
-        if j * s[j] - s[:j].sum() >= units:
-            k = j
-            break
-    total = units + s[:k].sum()
-    base, extra = divmod(int(total), k)
-    add = np.zeros(m, dtype=np.int64)
-    add[:k] = base - s[:k]
-    add[:extra] += 1
-    out = np.empty(m, dtype=np.int64)
-    out[order] = add
+def _water_fill(level: np.ndarray, eligible: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Per row: integer amounts to add to the eligible entries of ``level`` (summing to ``units``) that
+    minimise the largest result; ties go to the earlier entries. level, eligible [rows, entries];
+    units [rows]. Returns [rows, entries] (0 where not eligible)."""
+    rows, width = level.shape
+    big = np.iinfo(np.int64).max // 4
+    order = np.argsort(np.where(eligible, level, big), axis=1, kind="stable")
+    s = np.take_along_axis(level, order, 1)
+    m = eligible.sum(1)
+    j = np.arange(width)
+    below = np.cumsum(s, 1) - s  # sum of the j lowest
+    # the water reaches the lowest k entries: the first j >= 1 whose level the units fill up to, else all m
+    reached = (j[None, :] >= 1) & (j[None, :] < m[:, None]) & (j[None, :] * s - below >= units[:, None])
+    k = np.where(reached.any(1), reached.argmax(1), m)
+    inside = j[None, :] < k[:, None]
+    total = units + np.where(inside, s, 0).sum(1)
+    base, extra = np.divmod(total, k)
+    add_sorted = np.where(inside, base[:, None] - s + (j[None, :] < extra[:, None]), 0)
+    out = np.empty_like(add_sorted)
+    np.put_along_axis(out, order, add_sorted, 1)
     return out

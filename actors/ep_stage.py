@@ -156,7 +156,11 @@ class EPExecutor:
                        for c, stage in chunks.items()}
         # exchanges advance while any chunk computes (the chunks call attention / ffn one by one,
         # so the pipeline's hooks on whole blocks never fire here)
-        progress_hooks((b for st in chunks.values() for b in st.blocks()), engine.progress)
+        self.progress_in_compute = True
+        """Progress the exchanges from the layer hooks (False: only where an exchange is posted or
+        waited for; the bench's comparison)."""
+        progress_hooks((b for st in chunks.values() for b in st.blocks()),
+                       lambda: self.progress_in_compute and engine.progress())
         self._aux_grad = torch.tensor(self.loss_scale / microbatches)
         self._sync = {c: EPGradSync(comm, replicated=ch.replicated_parameters(), experts=list(ch.moe.values()))
                       for c, ch in self.chunks.items()}

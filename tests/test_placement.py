@@ -96,8 +96,8 @@ def test_adversarial_loads():
 
 
 def _brute_force_optimum(load_row: list[float], num_replicas: int, num_groups: int, num_nodes: int,
-                         num_devices: int) -> float:
-    """Min max/mean over every phy2log that keeps the rules (distinct experts per device, every
+                         num_devices: int, speed: list[float] | None = None) -> float:
+    """Min max/mean (device load / speed over total load / total speed) over every phy2log that keeps the rules (distinct experts per device, every
     expert placed, and when there are as many groups as nodes each group wholly on its own node,
     as rebalance homes them), enumerated with numpy."""
     experts = len(load_row)
@@ -113,8 +113,9 @@ def _brute_force_optimum(load_row: list[float], num_replicas: int, num_groups: i
         whole = on_node.reshape(len(p2l), num_nodes, num_groups, -1).all(3)  # group entirely on node
         ok &= np.any([whole[:, list(perm), range(num_groups)].all(1)
                       for perm in itertools.permutations(range(num_nodes))], axis=0)
-    dev = (w / np.maximum(cnt, 1))[np.arange(len(p2l))[:, None], p2l].reshape(len(p2l), num_devices, -1).sum(2)
-    return float((dev.max(1) / (w.sum() / num_devices))[ok].min())
+    sp = np.ones(num_devices) if speed is None else np.asarray(speed)
+    dev = (w / np.maximum(cnt, 1))[np.arange(len(p2l))[:, None], p2l].reshape(len(p2l), num_devices, -1).sum(2) / sp
+    return float((dev.max(1) / (w.sum() / sp.sum()))[ok].min())
 
 
 # homed: 2 groups on 2 nodes; global: 1 group, no homes. Slack: the search is a local one; on the
@@ -127,6 +128,31 @@ def test_tiny_cases_against_the_brute_force_optimum(shape, slack):
         ours = imbalance(load, rebalance(load, *shape)[0], shape[3]).item()
         best = _brute_force_optimum(load[0].tolist(), *shape)
         assert best - 1e-12 <= ours <= best * (1 + slack), (seed, ours, best)
+
+
+# Speeds: the optimum minimises the largest load / speed. Measured gaps over these 24 cases: 0 in 15,
+# at most 10.6% (homed, speeds 1/0.5/0.25/1, seed 3); a placement blind to speed scores 1.68 where
+# 1.004 is possible (speeds 1/0.3/1/0.3, seed 0), and so did the speed-blind replica counts.
+@pytest.mark.parametrize("shape", [(8, 2, 2, 4), (8, 1, 2, 4)])
+@pytest.mark.parametrize("speed", [[1, 0.3, 1, 0.3], [1, 1, 0.3, 0.3], [1, 0.5, 0.25, 1]])
+def test_device_speeds_against_the_brute_force_optimum(shape, speed):
+    sp = torch.tensor(speed, dtype=torch.float64)
+    for seed in range(4):
+        load = lognormal(1.5, seed, 1, 4)
+        ours = imbalance(load, rebalance(load, *shape, device_speed=sp)[0], 4, sp).item()
+        best = _brute_force_optimum(load[0].tolist(), *shape, speed)
+        assert best - 1e-12 <= ours <= best * 1.12, (seed, ours, best)
+
+
+def test_uniform_speeds_give_todays_placement():
+    # the placement depends on speeds only through their ratios: equal speeds, whatever the value,
+    # must give exactly the placement without speeds
+    for shape, experts in ((V3, 256), (SMALL, 32), ((40, 3, 2, 4), 24)):
+        load = lognormal(1.0, 0, 2, experts)
+        base = rebalance(load, *shape)
+        for c in (1.0, 0.3, 2.0):
+            got = rebalance(load, *shape, device_speed=torch.full((shape[3],), c))
+            assert all(torch.equal(x, y) for x, y in zip(got, base)), (shape, c)
 
 
 def _greedy_lpt(load_row: np.ndarray, num_replicas: int, num_devices: int) -> float:

@@ -246,7 +246,7 @@ def _plan_layer(w: np.ndarray, shape: _Shape, prev: np.ndarray | None, price: fl
     reach = _reach(co, home, shape)
     one_per_device = np.ones((shape.num_experts, num_devices), dtype=np.int64)
     plans = []
-    for cnt in _replica_counts(w, shape.num_replicas, num_devices, shape.num_groups):
+    for cnt in _replica_counts(w, shape.num_replicas, num_devices, shape.num_groups, shape.speed):
         if plans and plans[0][0] <= 1 + _GOOD_ENOUGH:
             break
         node_cap = _node_caps(cnt, home, num_nodes, per_node, reach)
@@ -353,12 +353,15 @@ def _pack_groups(w: np.ndarray, shape: _Shape) -> np.ndarray:
     return np.repeat(home, shape.num_experts // shape.num_groups)
 
 
-def _replica_counts(w: np.ndarray, num_replicas: int, num_devices: int, num_groups: int) -> list[np.ndarray]:
+def _replica_counts(w: np.ndarray, num_replicas: int, num_devices: int, num_groups: int,
+                    speed: np.ndarray) -> list[np.ndarray]:
     """Candidate replicas per expert (step 2), at most num_devices each. Greedy: each extra replica
     to the expert whose replicas carry the most (ties round-robin over the groups, so that equal
     loads do not pile every extra replica into group 0). Filler: just enough replicas that none
     carries more than a device's share, the remaining slots filled with the lightest experts (a
-    slot must hold something; a light replica adds almost nothing where it lands)."""
+    slot must hold something; a light replica adds almost nothing where it lands). With devices of
+    several speeds, one filler per speed (its devices' share, fastest first): slow devices need light
+    replicas, which the greedy, blind to speed, may not make."""
     per_group = len(w) // num_groups
     tie = (np.arange(len(w)) % per_group) * num_groups + np.arange(len(w)) // per_group
     cnt = np.ones(len(w), dtype=np.int64)
@@ -369,20 +372,24 @@ def _replica_counts(w: np.ndarray, num_replicas: int, num_devices: int, num_grou
         cnt[e] = c + 1
         if c + 1 < num_devices:  # a device never holds two replicas of one expert
             heapq.heappush(heap, (-w[e] / (c + 1), c + 1, t, e))
-    share = w.sum() / num_devices
-    if share <= 0:
-        return [cnt]
-    filler = np.clip(np.ceil(w / share - 1e-9), 1, num_devices).astype(np.int64)
-    spare = num_replicas - filler.sum()
-    if spare < 0 or np.array_equal(filler, cnt):
-        return [cnt]
-    for e in itertools.islice(itertools.cycle(np.argsort(w, kind="stable")), None):
-        if spare == 0:
+    out = [cnt]
+    for v in np.unique(speed)[::-1]:
+        share = w.sum() * v / speed.sum()
+        if share <= 0:
             break
-        if filler[e] < num_devices:
-            filler[e] += 1
-            spare -= 1
-    return [cnt, filler]
+        filler = np.clip(np.ceil(w / share - 1e-9), 1, num_devices).astype(np.int64)
+        spare = num_replicas - filler.sum()
+        if spare < 0:
+            continue
+        for e in itertools.islice(itertools.cycle(np.argsort(w, kind="stable")), None):
+            if spare == 0:
+                break
+            if filler[e] < num_devices:
+                filler[e] += 1
+                spare -= 1
+        if not any(np.array_equal(filler, c) for c in out):
+            out.append(filler)
+    return out
 
 
 def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shape,

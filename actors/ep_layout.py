@@ -51,22 +51,36 @@ class EPJob:
 
 def expert_parallel_job(world: MPI.Comm, *, pp: int, ep: int, nodes: int, model: ModelConfig, microbatches: int,
                         num_replicas: int = 0, precisions: Sequence[str] | None = None,
-                        trace: bool = False) -> EPJob:
+                        speeds: Sequence[float] | None = None, trace: bool = False) -> EPJob:
     """Split ``world`` (pp x ep ranks) as ``topology.Layout`` over ``pp * nodes`` emulated nodes of
     ``ep / nodes`` ranks (each stage's EP group spans ``nodes`` of them) and place every MoE layer's
     experts over an EP group with ``topology.rebalance`` (uniform load; ``num_replicas`` slots, 0:
     one per expert). ``precisions``: every world rank's GEMM precision (default: all
     ``model.precision``), from which each EP exchange's wire format is decided; the ranks of one
-    emulated node must share one (ValueError otherwise, on every rank alike). ``trace``: the executor
-    logs every EP exchange as a span."""
+    emulated node must share one (ValueError otherwise, on every rank alike). ``speeds``: every world
+    rank's relative speed at the precision it runs (default: all equal); each EP group's placement
+    then gives a device load in proportion to its speed (``rebalance(device_speed=)``; equal speeds
+    give exactly the placement without them). ``trace``: the executor logs every EP exchange as a span."""
     layout = Layout(cluster=emulated_cluster(pp * nodes, ep // nodes), pp=pp, ep=ep)
     comms = build_communicators(world, layout)
     experts = model.num_routed_experts
     moe_layers = list(range(model.num_dense_layers, model.num_layers))
-    phy2log, log2phy, logcnt = rebalance(torch.ones(len(moe_layers), experts), num_replicas or experts,
-                                         model.num_groups, nodes, ep)
-    placement = {layer: (phy2log[i], log2phy[i], logcnt[i]) for i, layer in enumerate(moe_layers)}
     group = layout.ep_group(world.Get_rank())
+    if speeds is not None and len(speeds) != world.Get_size():
+        raise ValueError(f"speeds: {len(speeds)} entries for {world.Get_size()} ranks")
+    group_speed = None
+    if speeds is not None:
+        # one placement for every group (DualPipe's mirror copies sum expert gradients slot by slot), so
+        # every group must weigh its ep ranks alike; a placement depends on the speeds' ratios only
+        mixes = {tuple(float(speeds[r]) / max(float(speeds[x]) for x in ranks) for r in ranks)
+                 for ranks in layout.groups("ep")}
+        if len(mixes) > 1:
+            raise ValueError(f"speeds: EP groups differ in their devices' relative speeds ({sorted(mixes)}); give "
+                             f"every pipeline rank's group the same mix of device kinds, in the same ep order")
+        group_speed = torch.tensor([float(speeds[r]) for r in group.ranks])
+    phy2log, log2phy, logcnt = rebalance(torch.ones(len(moe_layers), experts), num_replicas or experts,
+                                         model.num_groups, nodes, ep, device_speed=group_speed)
+    placement = {layer: (phy2log[i], log2phy[i], logcnt[i]) for i, layer in enumerate(moe_layers)}
     precisions = list(precisions) if precisions is not None else [model.precision] * world.Get_size()
     if len(precisions) != world.Get_size():
         raise ValueError(f"precisions: {len(precisions)} entries for {world.Get_size()} ranks")

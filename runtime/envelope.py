@@ -116,9 +116,9 @@ def itemsize(dtype: torch.dtype) -> int:
 
 
 class Header(tuple):
-    """What a message says about itself: the tuple of :data:`HEADER`'s fields in wire order, so
-    that encoding is one ``pack_into(*header)`` and decoding one ``unpack_from`` with no object
-    built field by field (a message makes one per end; a slots class cost ~2 us to build here).
+    """What a received message says about itself (made by :func:`unpack_header`): the tuple of
+    :data:`HEADER`'s fields in wire order, read through properties, so that decoding builds no
+    object field by field (a slots class cost ~2 us per message to build here).
 
     Fields: ``kind`` (one of :data:`KINDS`), ``src``/``dst`` (ranks in the communicator),
     ``channel`` (logical stream; messages on one channel arrive in send order), ``seq``
@@ -128,23 +128,6 @@ class Header(tuple):
     """
 
     __slots__ = ()
-
-    def __new__(cls, *, kind: str, src: int, dst: int, channel: int, seq: int, key: tuple[int, ...],
-                dtype: torch.dtype, shape: tuple[int, ...]) -> Header:
-        dt = _DTYPE_CODE.get(dtype)
-        if dt is None:
-            dtype_code(dtype)  # raises, naming the dtype and the supported ones
-        kc = _KIND_CODE.get(kind)
-        if kc is None:
-            raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
-        ndim = len(shape)
-        if ndim > MAX_NDIM:
-            raise ValueError(f"shape {shape} has {ndim} dims: a message carries at most MAX_NDIM={MAX_NDIM} "
-                             f"(reshape before sending)")
-        if len(key) != KEY_LEN:
-            raise ValueError(f"key {key}: must be {KEY_LEN} integers")
-        return tuple.__new__(cls, (MAGIC, VERSION, kc, dt, ndim, channel, src, dst, seq, *key,
-                                   math.prod(shape) * _ITEMSIZE_BY_CODE[dt], *shape, *_PAD[ndim]))
 
     channel = property(itemgetter(5))
     src = property(itemgetter(6))
@@ -174,24 +157,37 @@ class Header(tuple):
                 f"key={self.key}, dtype={self.dtype}, shape={self.shape}, nbytes={self.nbytes})")
 
 
-def pack_header_into(buf, h: Header, payload=None) -> int:
-    """Encode ``h`` at the start of writable ``buf``, then ``payload`` when inline; returns the
-    message's length in bytes.
+def pack_header_into(buf, *, kind: str, src: int, dst: int, channel: int, seq: int, key: tuple[int, ...],
+                     dtype: torch.dtype, shape: tuple[int, ...], payload=None) -> tuple[int, int]:
+    """Encode a header at the start of writable ``buf`` (one ``pack_into``, nothing built per
+    field), then ``payload`` when inline; returns the message's length and the payload's nbytes.
 
-    ``payload`` is the tensor's bytes as any flat buffer: :func:`tensor_bytes`, or an mpi4py buffer.
+    ``payload`` is the tensor's bytes as any flat buffer (:func:`tensor_bytes`, an mpi4py buffer);
     ``buf`` must hold ``HEADER_SIZE`` bytes, plus ``nbytes`` for an inline payload.
     """
-    HEADER.pack_into(buf, 0, *h)
-    nbytes = h[_KEY_END]
+    dt = _DTYPE_CODE.get(dtype)
+    if dt is None:
+        dtype_code(dtype)  # raises, naming the dtype and the supported ones
+    kc = _KIND_CODE.get(kind)
+    if kc is None:
+        raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
+    ndim = len(shape)
+    if ndim > MAX_NDIM:
+        raise ValueError(f"shape {shape} has {ndim} dims: a message carries at most MAX_NDIM={MAX_NDIM} "
+                         f"(reshape before sending)")
+    if len(key) != KEY_LEN:
+        raise ValueError(f"key {key}: must be {KEY_LEN} integers")
+    nbytes = math.prod(shape) * _ITEMSIZE_BY_CODE[dt]
+    HEADER.pack_into(buf, 0, MAGIC, VERSION, kc, dt, ndim, channel, src, dst, seq, *key, nbytes, *shape, *_PAD[ndim])
     if nbytes > INLINE_MAX:
-        return HEADER_SIZE
+        return HEADER_SIZE, nbytes
     end = HEADER_SIZE + nbytes
     if nbytes:
         view = memoryview(payload).cast("B")
         if len(view) != nbytes:
             raise ValueError(f"inline payload has {len(view)} bytes, header says {nbytes}")
         memoryview(buf)[HEADER_SIZE:end] = view
-    return end
+    return end, nbytes
 
 
 def unpack_header(buf, count: int, *, src: int, tag: int) -> tuple[Header, memoryview]:

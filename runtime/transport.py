@@ -102,17 +102,21 @@ class TransportConfig:
 class SendHandle:
     """An in-flight send. ``done`` once its MPI messages completed locally (buffers reusable)."""
 
-    __slots__ = ("header", "peer", "open", "keep", "t_post", "t_done", "_tp", "_sync")
+    __slots__ = ("peer", "channel", "kind", "seq", "key", "nbytes", "open", "keep", "t_post", "_tp", "_sync")
 
-    def __init__(self, tp: Transport, header: Header, keep: tuple, sync: bool):
+    def __init__(self, tp: Transport | None, peer: int, channel: int, kind: str, seq: int, key: tuple, nbytes: int,
+                 keep: tuple, sync: bool):
         self._tp = tp
-        self.header = header
-        self.peer = header.dst
+        self.peer = peer
+        self.channel = channel
+        self.kind = kind
+        self.seq = seq
+        self.key = key
+        self.nbytes = nbytes
         self.open = 0
         self.keep = keep  # buffers MPI reads from; must outlive the requests
         self._sync = sync
         self.t_post = time.monotonic_ns()
-        self.t_done = 0
 
     @property
     def done(self) -> bool:
@@ -125,12 +129,16 @@ class SendHandle:
 
     def describe(self) -> dict:
         """This send's line in the pending-operation report."""
-        hd = self.header
-        mb, chunk, dir = hd.key
-        return {"op": "send", "peer": self.peer, "channel": hd.channel, "kind": hd.kind, "mb": mb,
-                "dir": dir, "chunk": chunk, "seq": hd.seq, "nbytes": hd.nbytes,
+        mb, chunk, dir = self.key
+        return {"op": "send", "peer": self.peer, "channel": self.channel, "kind": self.kind, "mb": mb,
+                "dir": dir, "chunk": chunk, "seq": self.seq, "nbytes": self.nbytes,
                 "state": "unmatched" if self._sync else "posted",
                 "age_s": round((time.monotonic_ns() - self.t_post) / 1e9, 3)}
+
+
+_SENT = SendHandle(None, -1, -1, "data", -1, (-1, 0, 0), 0, (), False)
+"""What :meth:`Transport.isend` returns for a message MPI completed at once (eager): done, no
+handle of its own (its span, if spans are on, is recorded before returning)."""
 
 
 class RecvHandle:
@@ -277,39 +285,42 @@ class Transport:
         if sync and s.sync is not None and not s.sync.done:
             prev = s.sync
             self.engine.wait(lambda: prev.done, lambda: f"rank {self.rank}: send to rank {peer} channel {channel} "
-                             f"stayed backpressured ({self.config.max_inflight} messages after seq {prev.header.seq}, "
+                             f"stayed backpressured ({self.config.max_inflight} messages after seq {prev.seq}, "
                              f"which was not matched)")
-        h = Header(kind=kind, src=self.rank, dst=peer, channel=channel, seq=seq, key=(mb, chunk, dir),
-                   dtype=tensor.dtype, shape=tuple(tensor.shape))
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
         payload = _wire(tensor)
-        inline = h.inline
         stage = self._stage_pool.pop() if self._stage_pool else bytearray(_HDR_BUF)
-        n = pack_header_into(stage, h, payload if inline else None)
+        key = (mb, chunk, dir)
+        n, nbytes = pack_header_into(stage, kind=kind, src=self.rank, dst=peer, channel=channel, seq=seq, key=key,
+                                     dtype=tensor.dtype, shape=tuple(tensor.shape), payload=payload)
         s.send_seq = seq + 1
-        handle = SendHandle(self, h, (stage, tensor), sync)
-        if not inline:
-            self.engine.add(self.comm.Isend([payload, MPI.BYTE], peer, 2 * channel + 1), handle, 1)
-            handle.open = 1
-        if sync:
-            self.engine.add(self.comm.Issend([stage, n, MPI.BYTE], peer, 2 * channel), handle, 0)
-            handle.open += 1
-            s.sync = handle
-        else:
-            # an eager header is complete when Isend returns: tested at once, it never enters the
-            # engine's request list
-            req = self.comm.Isend([stage, n, MPI.BYTE], peer, 2 * channel)
-            if not req.Test():
-                self.engine.add(req, handle, 0)
-                handle.open += 1
-            elif inline:
+        comm = self.comm
+        if not sync and nbytes <= INLINE_MAX:
+            # one eager message: complete when Isend returns, tested at once (~0.2 us), it needs no
+            # handle and never enters the engine's request list
+            req = comm.Isend([stage, n, MPI.BYTE], peer, 2 * channel)
+            if req.Test():
                 self._stage_pool.append(stage)  # MPI is done with it: the next send reuses it
-                handle.keep = ()
-        if handle.open == 0:
-            self._send_done(handle)
+                if self._on_span is not None:
+                    now = time.monotonic_ns()
+                    self._span(spans.SEND, now, now, peer, channel, kind, key, nbytes, seq)
+                return _SENT
+            handle = SendHandle(self, peer, channel, kind, seq, key, nbytes, (stage, tensor), sync)
+            self.engine.add(req, handle, 0)
+            handle.open = 1
         else:
-            self._sends.add(handle)
+            handle = SendHandle(self, peer, channel, kind, seq, key, nbytes, (stage, tensor), sync)
+            if nbytes > INLINE_MAX:
+                self.engine.add(comm.Isend([payload, MPI.BYTE], peer, 2 * channel + 1), handle, 1)
+                handle.open = 1
+            if sync:
+                self.engine.add(comm.Issend([stage, n, MPI.BYTE], peer, 2 * channel), handle, 0)
+                s.sync = handle
+            else:
+                self.engine.add(comm.Isend([stage, n, MPI.BYTE], peer, 2 * channel), handle, 0)
+            handle.open += 1
+        self._sends.add(handle)
         return handle
 
     def irecv(self, peer: int, *, channel: int = 0, shape: tuple[int, ...] | None = None,
@@ -373,13 +384,11 @@ class Transport:
         return self.engine.progress()
 
     def _send_done(self, h: SendHandle) -> None:
-        h.t_done = time.monotonic_ns()
-        if h.keep:
-            self._stage_pool.append(h.keep[0])
-            h.keep = ()
+        self._stage_pool.append(h.keep[0])
+        h.keep = ()
         self._sends.discard(h)
         if self._on_span is not None:
-            self._span(spans.SEND, h.t_post, h.t_done, h.header)
+            self._span(spans.SEND, h.t_post, time.monotonic_ns(), h.peer, h.channel, h.kind, h.key, h.nbytes, h.seq)
 
     def _header_arrived(self, h: RecvHandle, count: int) -> None:
         h.open -= 1
@@ -427,14 +436,16 @@ class Transport:
         while s.recvs and s.recvs[0].done:
             s.recvs.popleft()
         if self._on_span is not None:
-            self._span(spans.RECV, h.t_post, h.t_done, h.header)
+            hd = h.header
+            self._span(spans.RECV, h.t_post, h.t_done, hd.src, hd.channel, hd.kind, hd.key, hd.nbytes, hd.seq)
         if h.on_done is not None:
             h.on_done(h)
 
-    def _span(self, name: str, t0: int, t1: int, header: Header) -> None:
-        mb, chunk, dir = header.key
-        self._on_span(name, t0, t1, peer=header.dst if name == spans.SEND else header.src, channel=header.channel,
-                      kind=header.kind, mb=mb, chunk=chunk, dir=dir, nbytes=header.nbytes, seq=header.seq)
+    def _span(self, name: str, t0: int, t1: int, peer: int, channel: int, kind: str, key: tuple, nbytes: int,
+              seq: int) -> None:
+        mb, chunk, dir = key
+        self._on_span(name, t0, t1, peer=peer, channel=channel, kind=kind, mb=mb, chunk=chunk, dir=dir, nbytes=nbytes,
+                      seq=seq)
 
     # ------------------------------------------------------------------ waiting
     def wait(self, handle: RecvHandle | SendHandle, timeout: float | None = None) -> torch.Tensor | None:
@@ -447,7 +458,7 @@ class Transport:
                              f"channel {handle.channel} (expect {handle.expect}) got nothing", timeout, handle)
             return handle.tensor
         self.engine.wait(lambda: handle.done, lambda: f"rank {self.rank}: send to rank {handle.peer} channel "
-                         f"{handle.header.channel} key {handle.header.key} was not received", timeout, handle)
+                         f"{handle.channel} key {handle.key} was not received", timeout, handle)
         return None
 
     def recv(self, peer: int, **kwargs) -> torch.Tensor:

@@ -19,10 +19,11 @@ def _tensors(dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def _roundtrip(t: torch.Tensor) -> tuple[Header, torch.Tensor]:
-    h = Header(kind="act", src=3, dst=1, channel=9, seq=17, key=(5, 1, -1), dtype=t.dtype, shape=tuple(t.shape))
     payload = tensor_bytes(t)
     buf = np.zeros(HEADER_SIZE + INLINE_MAX + 100, np.uint8)  # receive buffers are larger than the message
-    n = pack_header_into(buf, h, payload if h.inline else None)
+    n, nbytes = pack_header_into(buf, kind="act", src=3, dst=1, channel=9, seq=17, key=(5, 1, -1), dtype=t.dtype,
+                                 shape=tuple(t.shape), payload=payload)
+    assert nbytes == payload.nbytes and n == HEADER_SIZE + (nbytes if nbytes <= INLINE_MAX else 0)
     got, inline = unpack_header(buf, n, src=3, tag=18)
     out = torch.empty(got.shape, dtype=got.dtype)
     # the separate payload message is the tensor's raw bytes: emulate it with the sender's bytes

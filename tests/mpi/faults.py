@@ -64,7 +64,7 @@ _global_grad_norm = StageActor._global_grad_norm
 
 
 def _faulty_grad_norm(self):
-    if FAULT == "nan" and MPI.COMM_WORLD.rank == RANK and self._step == STEP:
+    if FAULT == "nan" and MPI.COMM_WORLD.rank == RANK and self.progress_step == STEP:
         _announce()
         layer = self.chunks[0].layers[str(self.chunks[0].layer_ids[-1])]
         next(layer.parameters()).grad.view(-1)[0] = float("nan")

@@ -41,7 +41,7 @@ every rank is given every ep rank's precision, so both sides of each exchange ag
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +145,8 @@ class EPMoE(torch.nn.Module):
 
     # ------------------------------------------------------------------ segments
     def gate(self, mb: MicroBatch, x: torch.Tensor) -> None:
-        """Segment 1 (source): x ``[batch, seq, hidden]`` -> routing, shared expert, balance loss."""
+        """Segment 1 (source): x ``[batch, seq, hidden]`` -> routing, balance loss (the shared expert,
+        also segment 1, runs in :meth:`dispatch` while hop 1 travels)."""
         m, c = self.moe, self.moe.c
         b, s, hidden = x.shape
         mb.shape, mb.x = x.shape, x
@@ -154,7 +155,6 @@ class EPMoE(torch.nn.Module):
         if m.training:
             m.load += torch.bincount(idx.reshape(-1), minlength=c.num_routed_experts).to(m.load.dtype)
         mb.h, mb.w = h, w
-        mb.shared = m.shared(h) if m.shared is not None else None
         aux = x.new_zeros(())
         if c.seq_aux_alpha > 0 and m.training:  # V3 eq. 17-20 per sequence, as MoE.forward
             onehot = torch.zeros(b * s, c.num_routed_experts).scatter_(1, idx, 1.0).view(b, s, -1)
@@ -226,7 +226,8 @@ class EPMoE(torch.nn.Module):
         h, w = mb.h.detach(), mb.w.detach()
         mb.to_node = ep_route.source_rows(mb.phys, self.group, self.me, self.spr)
         per_node = [(*wire.encode_tokens(h[idx]), w[idx], mb.phys[idx]) for wire, idx in zip(self.wires, mb.to_node)]
-        rows = yield from self._spread(mb, per_node, lambda wire: wire.dispatch_fields(), "dispatch", counted=True)
+        rows = yield from self._spread(mb, per_node, lambda wire: wire.dispatch_fields(), "dispatch", counted=True,
+                                       meanwhile=lambda: self._shared_expert(mb))
         xr, mb.x_fp8 = self.wire.decode_tokens(rows[:-2])
         mb.xr = xr.requires_grad_()
         mb.wr = rows[-2].requires_grad_()
@@ -251,7 +252,14 @@ class EPMoE(torch.nn.Module):
         mb.grad_h, mb.grad_w = yield from self._gather(mb, (mb.grad_h, mb.grad_w), lambda wire: wire.grad_in_fields(),
                                                        "dispatch-bwd")
 
-    def _spread(self, mb: MicroBatch, per_node: list[tuple], fields_of, phase: str, *, counted: bool):
+    def _shared_expert(self, mb: MicroBatch) -> None:
+        """The shared expert on this rank's own rows (segment 1's graph): it needs none of the
+        exchanged rows, so it computes while dispatch hop 1 travels (V3 overlaps it so too)."""
+        m = self.moe
+        mb.shared = m.shared(mb.h) if m.shared is not None else None
+
+    def _spread(self, mb: MicroBatch, per_node: list[tuple], fields_of, phase: str, *, counted: bool,
+                meanwhile: Callable[[], None] | None = None):
         """Hop 1 then hop 2 of a dispatch-shaped exchange. per_node: per node of the group, this rank's
         token rows in that node's format (``fields_of(wire)``); returns this rank's rows as holder,
         in its own node's format."""
@@ -259,7 +267,7 @@ class EPMoE(torch.nn.Module):
         mine = fields_of(self.wire)
         to_nodes = {peer: fields_of(wire) for peer, wire in zip(self.rail, self.wires)}
         op = yield from self._hop(mb, phase, 1, sends, self.hop1_from, mine, to_nodes,
-                                  None if counted else mb.fwd_rows)
+                                  None if counted else mb.fwd_rows, meanwhile=meanwhile)
         if counted:
             mb.fwd_rows = {s: op.received[s][0].shape[0] for s in self.hop1_from}
         fwd = [torch.cat([op.received[s][i] for s in self.hop1_from]) for i in range(len(mine))]
@@ -300,13 +308,16 @@ class EPMoE(torch.nn.Module):
         return tuple(out)
 
     def _hop(self, mb: MicroBatch, phase: str, hop: int, sends: dict, peers: list[int], fields, send_fields,
-             recv_rows: dict | None):
-        """One exchange of ``phase`` (hop 1: between nodes, hop 2: inside the node): post it, yield it to
-        the executor and count its bytes once it is done; returns the finished op."""
+             recv_rows: dict | None, meanwhile: Callable[[], None] | None = None):
+        """One exchange of ``phase`` (hop 1: between nodes, hop 2: inside the node): post it, run
+        ``meanwhile`` (compute that needs none of its rows), yield it to the executor and count its
+        bytes once it is done; returns the finished op."""
         link = "inter" if hop == 1 else "intra"
         op = self._exchange_for(phase).start(sends, peers, fields, send_fields=send_fields, recv_rows=recv_rows,
                                              layer=self.layer, mb=mb.mb, phase=f"{phase} hop{hop}",
                                              link=f"{link}-node")
+        if meanwhile is not None:
+            meanwhile()
         yield op
         self._count(op, phase, link)
         return op

@@ -33,7 +33,9 @@ keeps every device within its kind's memory (topology/kinds.py memory_gb; printe
 capacity) and refuses, naming the fixes, when no split fits.
 
 What if: --pp / --ep / --microbatch-seqs / --global-batch, --no-node-limit, --schedule, or a
-cluster file with other kinds (launch/clusters/v3-2048-h800-910c.toml: half the nodes Ascend 910C).
+cluster file with other kinds (launch/clusters/v3-2048-h800-910c.toml: half the nodes Ascend 910C,
+each pipeline rank one kind; v3-2048-h800-910c-mixed-ep.toml: the kinds interleaved node by node, so
+every EP group mixes them and the expert placement weighs each device by its speed).
 --split flops shows the layer split that ignores device speed (the default weighs it); the
 other split's bubble is always printed for comparison.
 """
@@ -42,6 +44,7 @@ _EPILOG = """\
 examples:
   python -m launch.plan --cluster v3-2048.toml
   python -m launch.plan --cluster v3-2048-h800-910c.toml
+  python -m launch.plan --cluster v3-2048-h800-910c-mixed-ep.toml --redundant-experts 64
   python -m launch.plan --cluster v3-2048.toml --no-node-limit
   python -m launch.plan --nodes 256 --devices-per-node 8 --pp 8 --ep 32 --json
 """
@@ -67,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"sequences per microbatch per data-parallel rank (default {d.microbatch_seqs}: an assumption)")
     lay.add_argument("--split", default=d.split, choices=("speed", "flops"),
                      help="layer split over stages: weighted by device speed (default) or by FLOPs only")
+    lay.add_argument("--redundant-experts", type=int, default=d.redundant_experts,
+                     help=f"expert slots per EP group beyond one per expert, a multiple of --ep (default "
+                          f"{d.redundant_experts}, as V3 trained); with kinds mixed in an EP group they let the "
+                          f"speed-aware placement give fast devices more load")
     lay.add_argument("--train-tokens", type=float, default=d.train_tokens,
                      help=f"tokens of the whole run (default {d.train_tokens:g})")
     lay.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         config = PlanConfig(pp=ns.pp, ep=ns.ep, schedule=ns.schedule,
                             max_nodes=0 if ns.no_node_limit else ns.max_nodes, global_batch=ns.global_batch,
                             seq=ns.seq, microbatch_seqs=ns.microbatch_seqs, split=ns.split,
-                            train_tokens=ns.train_tokens, sample_tokens=ns.sample_tokens)
+                            train_tokens=ns.train_tokens, sample_tokens=ns.sample_tokens,
+                            redundant_experts=ns.redundant_experts)
         plan = plan_step(cluster, config)
     except ValueError as e:
         print(f"launch.plan: {e}", file=sys.stderr)

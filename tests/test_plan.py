@@ -193,6 +193,29 @@ def test_speed_aware_split_lowers_the_bubble_of_a_mixed_cluster(mixed_plan):
     assert all(speed.memory_gb[k] <= speed.memory_capacity_gb[k] for k in speed.memory_gb)
 
 
+def test_mixed_kinds_in_one_ep_group_are_planned_with_the_speed_aware_placement():
+    # every EP group half h800, half ascend910c (nodes interleaved): planned, not refused. With one slot
+    # per expert each device holds the same share, so the experts run at the slow kind's speed (0.3);
+    # redundant slots let the placement move load to the fast devices: a faster expert part and step
+    from topology.plan import expert_speeds
+    from topology.layout import Layout
+    nodes = tuple(Node(name=f"n{i}", num_devices=8, kind="h800" if i % 2 == 0 else "ascend910c") for i in range(256))
+    mixed = Cluster(nodes=nodes)
+    layout = Layout(cluster=mixed, pp=16, ep=64)
+    plain, spare = (expert_speeds(mixed, layout, 256, slots) for slots in (256, 320))
+    assert plain == pytest.approx([0.3] * 16)  # 4 experts on every device, the slowest sets the pace
+    mean = (1.0 + 0.3) / 2
+    assert all(0.3 < v <= mean for v in spare), spare  # never above the group's mean speed
+    assert expert_speeds(V3_CLUSTER, Layout(cluster=V3_CLUSTER, pp=16, ep=64), 256, 320) == [1.0] * 16
+    without = plan_step(mixed, PlanConfig(**FAST))
+    with_spare = plan_step(mixed, PlanConfig(redundant_experts=64, **FAST))
+    assert with_spare.step_seconds < without.step_seconds
+    assert max(with_spare.memory_gb.values()) > max(without.memory_gb.values())  # 5 expert slots per device, not 4
+    assert "64 ascend910c + 64 h800" in without.pp_kinds[0]
+    with pytest.raises(ValueError, match="redundant_experts=10: must be a multiple of ep=64"):
+        PlanConfig(redundant_experts=10)
+
+
 def test_what_if_directions(v3_plan, mixed_plan):
     # a slower device mix: more device-hours and a longer step
     mixed = mixed_plan

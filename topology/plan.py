@@ -47,7 +47,7 @@ from runtime.schedules import layout as schedule_layout
 from topology.cluster import Cluster
 from topology.kinds import KINDS, REFERENCE_EFFICIENCY, REFERENCE_EFFICIENCY_SOURCE, REFERENCE_FLOPS, REFERENCE_KIND
 from topology.layout import Layout
-from topology.placement import rebalance
+from topology.placement import imbalance, rebalance
 from topology.predict import predict_traffic
 
 __all__ = ["ModelSpec", "V3_MODEL", "Item", "model_items", "RankMemory", "live_points", "rank_memories", "split_stages",
@@ -157,6 +157,9 @@ class Item:
     input of the Linear after attention, in E5M6); 2 bytes on BF16 ranks."""
     act_values_bf16: int
     """Activations kept per token in BF16 on every kind."""
+    routed_flops: float = 0.0
+    """Forward FLOPs per token of the routed experts (part of :attr:`gemm_flops`): the work the expert
+    placement spreads over an EP group by device speed; the rest runs on each data-parallel rank."""
 
     @property
     def fwd_flops(self) -> float:
@@ -196,7 +199,7 @@ def model_items(m: ModelSpec, seq: int) -> list[Item]:
             ffn_exp, moe = m.num_experts * m.expert_params(), 1
             fp8 = active * (h + 2 * m.moe_hidden)  # expert input, SwiGLU input; its output recomputed (V3 3.3.2)
         items.append(Item(name=f"layer{i}", gemm_flops=attn_gemm + ffn_gemm, attn_flops=attn_scores,
-                          moe_layers=moe, replicated_params=m.attention_params() + ffn_rep + (m.vocab * h if i == 0 else 0),
+                          routed_flops=2.0 * m.top_k * m.expert_params() * moe, moe_layers=moe, replicated_params=m.attention_params() + ffn_rep + (m.vocab * h if i == 0 else 0),
                           expert_params=ffn_exp, act_values_fp8=fp8, act_values_e5m6=attn_e5m6,
                           act_values_bf16=attn_bf16 + h))  # + h: the FFN block's input (its norm recomputed)
     last = items[-1]
@@ -207,7 +210,7 @@ def model_items(m: ModelSpec, seq: int) -> list[Item]:
         # head are the main model's (V3 2.2: shared, physically, because DualPipe puts both on one rank),
         # so only the projection and the block add weights
         items.append(Item(name=f"mtp{j}", gemm_flops=2.0 * 2 * h * h + last.gemm_flops + head_gemm,
-                          attn_flops=last.attn_flops, moe_layers=1, replicated_params=2 * h * h + last.replicated_params,
+                          attn_flops=last.attn_flops, routed_flops=last.routed_flops, moe_layers=1, replicated_params=2 * h * h + last.replicated_params,
                           expert_params=last.expert_params, act_values_fp8=last.act_values_fp8 + 2 * h,
                           act_values_e5m6=last.act_values_e5m6, act_values_bf16=last.act_values_bf16 + h + m.vocab))
     items.append(Item(name="head", gemm_flops=head_gemm, attn_flops=0.0, moe_layers=0, replicated_params=h * m.vocab,
@@ -408,18 +411,43 @@ def _split_within(costs: list[float], speeds: list[float], memory: list[RankMemo
     return front[::-1] + middle + back_counts
 
 
-def _pp_kinds(layout: Layout) -> list[str]:
-    """Device kind of each pipeline rank; a stage whose ranks mix kinds is an error (its data-parallel
-    ranks step together through expert parallelism, so the slowest would set the pace unseen)."""
-    kinds: list[set[str]] = [set() for _ in range(layout.pp)]
+def _pp_mixes(layout: Layout) -> list[dict[str, int]]:
+    """Devices of each kind among every pipeline rank's data-parallel ranks."""
+    mixes: list[dict[str, int]] = [{} for _ in range(layout.pp)]
     for p in layout.places:
-        kinds[p.pp].add(p.kind)
-    out = []
-    for r, ks in enumerate(kinds):
-        if len(ks) != 1:
-            raise ValueError(f"pipeline rank {r} spans device kinds {sorted(ks)}: give every stage's nodes one kind "
-                             f"(order the cluster's nodes so each run of dp = {layout.dp} devices is one kind)")
-        out.append(next(iter(ks)))
+        mixes[p.pp][p.kind] = mixes[p.pp].get(p.kind, 0) + 1
+    return mixes
+
+
+def _mix_label(mix: dict[str, int]) -> str:
+    """``h800``, or ``64 ascend910c + 64 h800`` for a pipeline rank whose devices mix kinds."""
+    return next(iter(mix)) if len(mix) == 1 else " + ".join(f"{n} {k}" for k, n in sorted(mix.items()))
+
+
+def expert_speeds(cluster: Cluster, layout: Layout, num_experts: int, num_replicas: int) -> list[float]:
+    """Per pipeline rank: the routed experts' effective speed over its EP groups (the slowest group).
+
+    A group of one kind runs at that kind's speed. A mixed group's placement weighs each device by its
+    speed (``rebalance(device_speed=)``, uniform expert load): the slowest device finishes after
+    ``imbalance x load / sum(speeds)``, so the group runs at ``mean speed / imbalance``. With one slot
+    per expert every device holds the same share whatever its speed (``imbalance`` = fastest / slowest);
+    redundant slots (``num_replicas`` > experts) let the placement move load to the fast devices."""
+    cache: dict[tuple, float] = {}
+    out = [math.inf] * layout.pp
+    for ranks in layout.groups("ep"):
+        g = layout.ep_group(ranks[0])
+        speed = tuple(cluster.device_speed[layout.place(x).kind] for x in g.ranks)
+        key = (speed, g.num_nodes)
+        if key not in cache:
+            if len(set(speed)) == 1:
+                cache[key] = speed[0]
+            else:
+                sp = torch.tensor(speed, dtype=torch.float64)
+                load = torch.ones(1, num_experts, dtype=torch.float64)
+                phy2log = rebalance(load, num_replicas, g.num_nodes, g.num_nodes, g.size, device_speed=sp)[0]
+                cache[key] = float(sp.mean()) / imbalance(load, phy2log, g.size, sp).item()
+        r = layout.place(ranks[0]).pp
+        out[r] = min(out[r], cache[key])
     return out
 
 
@@ -452,8 +480,9 @@ class EPComm:
 
 
 def ep_comm(cluster: Cluster, layout: Layout, m: ModelSpec, *, tokens: int, max_nodes: int, sample_tokens: int,
-            seed: int = 0) -> EPComm:
-    """Price one MoE layer's dispatch + combine for EP group 0 (see the module docstring, item 4).
+            redundant: int = 0, seed: int = 0) -> EPComm:
+    """Price one MoE layer's dispatch + combine for EP group 0 (see the module docstring, item 4), its
+    experts placed in ``num_experts + redundant`` slots by its devices' speeds.
 
     Routing is sampled for ``sample_tokens`` tokens per device and byte counts scaled to ``tokens``
     (per-message latencies are not scaled: the busiest device's peer count is the same)."""
@@ -463,8 +492,9 @@ def ep_comm(cluster: Cluster, layout: Layout, m: ModelSpec, *, tokens: int, max_
         raise ValueError(f"ep={layout.ep}: its group spans {num_groups} nodes, which must divide the "
                          f"{m.num_experts} experts (groups = nodes)")
     topk_groups = num_groups if max_nodes == 0 else min(max_nodes, num_groups)
-    phy2log, log2phy, logcnt = rebalance(torch.ones(1, m.num_experts), m.num_experts, num_groups, group.num_nodes,
-                                         group.size)
+    speed = torch.tensor([cluster.device_speed[layout.place(x).kind] for x in group.ranks], dtype=torch.float64)
+    phy2log, log2phy, logcnt = rebalance(torch.ones(1, m.num_experts), m.num_experts + redundant, num_groups,
+                                         group.num_nodes, group.size, device_speed=speed)
     pred = predict_traffic(cluster, group, phy2log=phy2log[0], log2phy=log2phy[0], logcnt=logcnt[0],
                            num_groups=num_groups, topk_groups=topk_groups, top_k=m.top_k,
                            tokens_per_rank=sample_tokens, hidden=m.hidden, moe_hidden=m.moe_hidden, seed=seed)
@@ -507,13 +537,22 @@ class PlanConfig:
     """Tokens of the whole pre-training run (V3: 14.8T)."""
     sample_tokens: int = 512
     """Routing sample per device for the link model (bytes scaled to the microbatch)."""
+    redundant_experts: int = 0
+    """Expert slots per EP group beyond one per expert (EPLB's redundant experts; a multiple of ep).
+    V3 trained without; with devices of several speeds in one EP group they let the placement give
+    the fast devices more of the load."""
 
     def __post_init__(self) -> None:
-        for name in ("pp", "ep", "max_nodes", "global_batch", "seq", "microbatch_seqs", "sample_tokens"):
+        for name in ("pp", "ep", "max_nodes", "global_batch", "seq", "microbatch_seqs", "sample_tokens",
+                     "redundant_experts"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "max_nodes" else 1):
+            zero_ok = name in ("max_nodes", "redundant_experts")
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
                 raise ValueError(f"plan.{name}={v!r}: must be a positive integer" + (" (0: no node limit)"
-                                                                                  if name == "max_nodes" else ""))
+                                 if name == "max_nodes" else " or 0" if zero_ok else ""))
+        if self.redundant_experts % self.ep:
+            raise ValueError(f"plan.redundant_experts={self.redundant_experts}: must be a multiple of ep={self.ep} "
+                             f"(every device holds the same number of slots)")
         if self.split not in ("speed", "flops"):
             raise ValueError(f"plan.split={self.split!r}: choose 'speed' or 'flops'")
         if not self.train_tokens > 0:
@@ -562,24 +601,26 @@ class Plan:
     assumptions: list[str] = field(default_factory=list)
 
 
-def rank_memories(items: list[Item], schedule: Schedule, pp_kinds: list[str], *, tokens: int, dp: int, ep: int,
-                  num_ep_groups: int) -> list[RankMemory]:
+def rank_memories(items: list[Item], schedule: Schedule, pp_mixes: list[dict[str, int]], *, tokens: int, dp: int,
+                  ep: int, num_ep_groups: int, slot_factor: float = 1.0) -> list[RankMemory]:
     """Each pipeline rank's memory model (one per kind it runs on): what V3 keeps per device.
 
     State (V3 3.3.3 and 3.2.3): BF16 weights and FP32 gradients of every stage it holds; FP32 master
     weights and two BF16 AdamW moments sharded over the stage's data-parallel ranks (ZeRO-1), routed
     experts over the ranks holding the same experts (one per EP group); the parameter EMA lives in
-    CPU memory (V3 3.2.3), not here. Activations: ``Item.act_bytes`` per token times the microbatch's
-    tokens, live as the schedule keeps them (:func:`live_points`: DualPipe's PP+1 at most)."""
+    CPU memory (V3 3.2.3), not here; ``slot_factor`` = expert slots / experts (redundant experts).
+    Activations: ``Item.act_bytes`` per token times the microbatch's tokens, live as the schedule keeps
+    them (:func:`live_points`: DualPipe's PP+1 at most)."""
     out = []
-    for r, kind in enumerate(pp_kinds):
+    for r, kind in ((r, k) for r, mix in enumerate(pp_mixes) for k in sorted(mix)):
         spec = KINDS.get(kind)
         precision = spec.precision if spec is not None else "bf16"
         held, live = live_points(schedule, r)
         out.append(RankMemory(
             name=f"r{r} ({kind})", stages=held, live=live,
             state_bytes=tuple(i.replicated_params * (_BF16 + _FP32 + _OPT / dp)
-                              + i.expert_params / ep * (_BF16 + _FP32 + _OPT / num_ep_groups) for i in items),
+                              + i.expert_params * slot_factor / ep * (_BF16 + _FP32 + _OPT / num_ep_groups)
+                              for i in items),
             act_bytes=tuple(i.act_bytes(precision) * tokens for i in items),
             capacity=spec.memory_gb * 1e9 if spec is not None else math.inf))
     return out
@@ -633,7 +674,8 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
     layout = Layout(cluster=cluster, pp=c.pp, ep=c.ep)
     if layout.num_ranks != cluster.num_devices:
         raise ValueError(f"plan: pp={c.pp} x dp={layout.dp} uses {layout.num_ranks} of {cluster.num_devices} devices")
-    pp_kinds = _pp_kinds(layout)
+    pp_mixes = _pp_mixes(layout)
+    pp_kinds = [_mix_label(mix) for mix in pp_mixes]
     check_mirror_kinds(c.schedule, pp_kinds)
     dp = layout.dp
     if c.global_batch % (dp * c.microbatch_seqs):
@@ -642,18 +684,27 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
     microbatches = c.global_batch // (dp * c.microbatch_seqs)
     schedule = build(c.schedule, c.pp, microbatches)
     tokens = c.microbatch_seqs * c.seq
-    rank_speed = [cluster.device_speed[k] for k in pp_kinds]
     ref = KINDS[REFERENCE_KIND]
     ref_flops = REFERENCE_FLOPS
     items = model_items(model, c.seq)
+    # a pipeline rank's data-parallel ranks each run their own tokens (the slowest kind sets the pace)
+    # and share the routed experts by speed (expert_speeds); one effective speed per rank weighs the two
+    # by the whole model's FLOPs
+    routed = sum(i.routed_flops for i in items)
+    local = sum(i.fwd_flops for i in items) - routed
+    local_speed = [min(cluster.device_speed[k] for k in mix) for mix in pp_mixes]
+    routed_speed = expert_speeds(cluster, layout, model.num_experts, model.num_experts + c.redundant_experts)
+    rank_speed = [(local + routed) / (local / a + routed / b) for a, b in zip(local_speed, routed_speed)]
     costs_per_item = [i.fwd_flops for i in items]
     speeds = stage_speeds(schedule, rank_speed)
-    rank_memory = rank_memories(items, schedule, pp_kinds, tokens=tokens, dp=dp, ep=c.ep,
-                                num_ep_groups=layout.num_ep_groups)
+    slot_factor = (model.num_experts + c.redundant_experts) / model.num_experts
+    rank_memory = rank_memories(items, schedule, pp_mixes, tokens=tokens, dp=dp, ep=c.ep,
+                                num_ep_groups=layout.num_ep_groups, slot_factor=slot_factor)
     counts_speed = split_stages(costs_per_item, speeds, rank_memory)
     counts_flops = split_stages(costs_per_item, [1.0] * len(speeds), rank_memory)
     counts, alt = (counts_speed, counts_flops) if c.split == "speed" else (counts_flops, counts_speed)
-    comm = ep_comm(cluster, layout, model, tokens=tokens, max_nodes=c.max_nodes, sample_tokens=c.sample_tokens)
+    comm = ep_comm(cluster, layout, model, tokens=tokens, max_nodes=c.max_nodes, sample_tokens=c.sample_tokens,
+                   redundant=c.redundant_experts)
     p2p = tokens * model.hidden * _BF16 / (cluster.inter.bandwidth_gbs * 1e9) + cluster.inter.latency_us * 1e-6
     costs, stages = _costs_for(items, counts, rank_speed, comm, tokens, ref_flops, p2p)
     sim = simulate(schedule, costs)
@@ -670,7 +721,7 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
     for r in range(c.pp):
         held = sorted({schedule.stage_of(r, ch) for ch in schedule.chunks(r)})
         rep = sum(i.replicated_params for s in held for i in stages[s]["items"])
-        exp = sum(i.expert_params for s in held for i in stages[s]["items"]) / c.ep
+        exp = sum(i.expert_params for s in held for i in stages[s]["items"]) * slot_factor / c.ep
         dp_sync = max(dp_sync, ring(dp, rep * (_FP32 + _BF16)) + ring(num_ep_groups, exp * (_FP32 + _BF16)))
     peak_gb = {m.name: m.peak(counts) / 1e9 for m in rank_memory}
     capacity_gb = {m.name: m.capacity / 1e9 for m in rank_memory}
@@ -678,7 +729,7 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
     state, act = worst.parts(counts)
     held_items = [i for s in worst.stages for i in stages[s]["items"]]
     rep = sum(i.replicated_params for i in held_items)
-    exp = sum(i.expert_params for i in held_items) / c.ep
+    exp = sum(i.expert_params for i in held_items) * slot_factor / c.ep
     parts = {"weights (BF16)": (rep + exp) * _BF16, "gradients (FP32)": (rep + exp) * _FP32,
              "optimizer (FP32 master + 2 BF16 moments, ZeRO-1)": rep * _OPT / dp + exp * _OPT / num_ep_groups,
              "activations": act}
@@ -694,6 +745,8 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
     mean_idle = sum(sim.idle) / len(sim.idle)
     alt_idle = sum(alt_sim.idle) / len(alt_sim.idle)
     m = model
+    kinds = sorted({k for mix in pp_mixes for k in mix})
+    mixed = [r for r, mix in enumerate(pp_mixes) if len(mix) > 1]
     assumptions = [
         f"model: {m.total_params() / 1e9:.1f}B parameters ({m.active_params() / 1e9:.1f}B active per token, embedding "
         f"and head included), {m.num_layers} layers ({m.num_dense_layers} dense), hidden {m.hidden}, {m.num_experts} "
@@ -707,7 +760,7 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
         f"reference throughput: H800 {ref.peak_tflops:.0f} TFLOPS FP8 x {REFERENCE_EFFICIENCY:.4f} = "
         f"{ref_flops / 1e12:.0f} TFLOPS per speed unit",
         "device speeds (relative, at the precision each kind trains in): " + ", ".join(
-            f"{k} {cluster.device_speed[k]:g}" for k in sorted(set(pp_kinds))) + " (sources: topology/kinds.py "
+            f"{k} {cluster.device_speed[k]:g}" for k in kinds) + " (sources: topology/kinds.py "
         "KINDS or the cluster file's [device_speed])",
         f"batch: {c.global_batch} sequences x {c.seq} tokens per step (V3 report, after the batch warm-up); "
         f"microbatch {c.microbatch_seqs} sequence(s) = {tokens} tokens per device (not published; assumed); "
@@ -738,7 +791,14 @@ def plan_step(cluster: Cluster, config: PlanConfig, model: ModelSpec = V3_MODEL)
         "live microbatches per held stage from the schedule's order (DualPipe: PP+1 at most)",
         "memory capacity per kind (topology/kinds.py KINDS memory_gb): " + ", ".join(
             f"{k} {KINDS[k].memory_gb:g} GB" if k in KINDS else f"{k} unknown (not checked)"
-            for k in sorted(set(pp_kinds))) + "; the layer split keeps every device within it",
+            for k in kinds) + "; the layer split keeps every device within it",
+        (f"mixed pipeline ranks {mixed}: each data-parallel rank runs its own tokens (attention, shared expert, "
+         f"dense FFN, head at the slowest kind's speed); the routed experts are placed by device speed "
+         f"({m.num_experts + c.redundant_experts} slots per EP group): effective speed per rank "
+         + ", ".join(f"r{r} {rank_speed[r]:.3f} (experts {routed_speed[r]:.3f})" for r in mixed)
+         + "; dispatch priced as FP8 to every holder (BF16 holders receive BF16: not priced)"
+         if mixed else f"every pipeline rank is of one kind; {m.num_experts + c.redundant_experts} expert slots "
+                       f"per EP group"),
         "not modelled: expert-load imbalance, stragglers, failures/restarts, evaluation, checkpointing",
     ]
     return Plan(config=c, num_devices=cluster.num_devices, dp=dp, microbatches=microbatches,

@@ -1,16 +1,20 @@
-# heteropipe: make setup && make run (train a small MoE with DualPipe on 4 local MPI ranks)
+# heteropipe: make setup && make run (train a small MoE with DualPipe pp=2 x expert parallelism ep=2
+#             on 4 local MPI ranks, 2 emulated nodes per EP group)
 #             make test (the whole suite: pure functions, then real mpiexec runs)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RANKS  ?= 4
 ARGS   ?=
+# make run's layout: both dimensions on the 4 ranks (ARGS come after it and win, e.g.
+# ARGS='--pp 4 --ep 1 --nodes 1' for the pure pipeline; RANKS must equal pp x ep)
+RUN_LAYOUT ?= --schedule dualpipe --pp 2 --ep 2 --nodes 2
 
 .PHONY: help setup run demo test test-fast bench bench-transport bench-kernels bench-pipeline bench-peer bench-telemetry bench-moe bench-placement schedule topology plan cluster analyze clean
 
 help:
 	@echo "make setup   - create $(VENV) with torch 2.13.0 (CPU build here), mpi4py + mpich wheel, the rest"
-	@echo "make run     - train the default small MoE with DualPipe on $(RANKS) local ranks (ARGS='--steps 50 ...')"
+	@echo "make run     - train the small MoE on $(RANKS) local ranks: $(RUN_LAYOUT) (ARGS='--steps 50 ...' win)"
 	@echo "make analyze - figures, Perfetto trace and timeline PNG of the newest run in logs/ (ARGS='--steps 3:10')"
 	@echo "make demo    - actors pass tensors around a ring on $(RANKS) ranks (runtime smoke test)"
 	@echo "make test    - run the test suite (pytest; multi-rank tests launch real mpiexec)"
@@ -33,7 +37,7 @@ setup: $(PY)
 	@$(PY) -c "import torch, mpi4py, triton, msgpack, zmq, structlog; from mpi4py import MPI; print('setup ok: torch', torch.__version__, '|', MPI.Get_library_version().splitlines()[0])"
 
 run: setup
-	$(PY) -m launch.local -n $(RANKS) launch.train $(ARGS)
+	$(PY) -m launch.local -n $(RANKS) launch.train $(RUN_LAYOUT) $(ARGS)
 
 analyze: setup
 	$(PY) -m launch.analyze logs --trace --png $(ARGS)

@@ -173,7 +173,7 @@ def _program(cfg: TrainConfig, tokens_per_step: int, resume_from: tuple | None, 
             results.append(r)
             stats = actor.exec.step_stats()
             if stats:  # expert parallelism: bytes per exchange phase and link, expert loads
-                actor.log.info("ep_step", step=step, **stats)
+                actor.log.info(spans.EP_STEP, step=step, **stats)
             if world.rank == 0:
                 mean = sum(r.losses) / len(r.losses)
                 actor.log.info("step", step=step, loss=mean, grad_norm=r.grad_norm, seconds=r.seconds,

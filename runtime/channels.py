@@ -198,7 +198,7 @@ class ChannelRecv:
     requests, and while posted the receive into it: ``tensor`` (a view of the buffer) once ``done``.
     """
 
-    __slots__ = ("ch", "buf", "tensor", "trailer", "reqs", "held", "mb", "seq", "open", "t_post", "chunk")
+    __slots__ = ("ch", "buf", "tensor", "trailer", "reqs", "want", "held", "mb", "seq", "open", "t_post", "chunk")
 
     def __init__(self, ch: RecvChannel):
         self.ch = ch
@@ -207,11 +207,13 @@ class ChannelRecv:
         self.trailer = memoryview(self.buf.numpy())[ch.nbytes:]
         comm = ch.tp.comm
         if ch.small:
-            self.reqs = (comm.Recv_init([_wire(self.buf), MPI.BYTE], ch.peer, ch.tag),)
+            self.reqs = [comm.Recv_init([_wire(self.buf), MPI.BYTE], ch.peer, ch.tag)]
+            self.want = (ch.nbytes + TRAILER.size,)  # bytes each part must bring
         else:
-            self.reqs = (comm.Recv_init([_wire(self.tensor), MPI.BYTE], ch.peer, ch.tag),
+            self.reqs = [comm.Recv_init([_wire(self.tensor), MPI.BYTE], ch.peer, ch.tag),
                          comm.Recv_init([MPI.buffer.fromaddress(self.buf.data_ptr() + ch.nbytes, TRAILER.size),
-                                         MPI.BYTE], ch.peer, ch.tag + 1))
+                                         MPI.BYTE], ch.peer, ch.tag + 1)]
+            self.want = (ch.nbytes, TRAILER.size)
         self.held = False  # posted and not yet released
         self.mb = self.seq = self.chunk = -1  # chunk: the sender's, from the trailer
         self.open = 0
@@ -223,15 +225,14 @@ class ChannelRecv:
 
     def _part_done(self, part: int, status: MPI.Status) -> None:
         count = status.Get_count(MPI.BYTE)
-        ch = self.ch
-        want = (ch.nbytes + TRAILER.size if ch.small else ch.nbytes) if part == 0 else TRAILER.size
         self.open -= 1
-        if count != want:
+        if count != self.want[part]:
+            ch = self.ch
             raise EnvelopeError(f"message from {ch._where(self.seq)}: field 'nbytes' is "
                                 f"{count - (TRAILER.size if ch.small and part == 0 else 0)}, expected "
                                 f"{ch.nbytes if part == 0 else TRAILER.size} ({'payload' if part == 0 else 'trailer'})")
         if self.open == 0:
-            ch._done(self)
+            self.ch._done(self)
 
     def describe(self) -> dict:
         """This receive's line in the pending-operation report."""
@@ -245,7 +246,7 @@ class RecvChannel(_Channel):
     """Receiving end of a schedule-known channel with a ring of ``ring`` reusable buffers
     (make it with :meth:`Transport.recv_channel`)."""
 
-    __slots__ = ("slots", "free_slots")
+    __slots__ = ("slots", "free_slots", "_tail")
 
     def __init__(self, tp: Transport, peer: int, channel: int, *, shape, dtype, kind: str = "data", dir: int = 0,
                  ring: int = 2):
@@ -254,6 +255,7 @@ class RecvChannel(_Channel):
             raise ValueError(f"ring={ring}: a receive channel needs at least one buffer")
         self.slots = [ChannelRecv(self) for _ in range(ring)]
         self.free_slots = list(reversed(self.slots))
+        self._tail = (channel, _KIND_CODE[kind], dir)  # trailer fields every message on the channel carries
 
     def post(self, *, mb: int) -> ChannelRecv:
         """Post the receive of the channel's next message, which must be microbatch ``mb``, into a
@@ -276,7 +278,7 @@ class RecvChannel(_Channel):
             engine.add(reqs[0], op, 0)
             op.open = 1
         else:
-            MPI.Prequest.Startall(list(reqs))
+            MPI.Prequest.Startall(reqs)
             engine.add(reqs[0], op, 0)
             engine.add(reqs[1], op, 1)
             op.open = 2
@@ -299,7 +301,7 @@ class RecvChannel(_Channel):
 
     def _done(self, op: ChannelRecv) -> None:
         seq, mb, channel, kind, dir, chunk, magic = TRAILER.unpack_from(op.trailer)
-        if (seq, mb, channel, kind, dir, magic) != (op.seq, op.mb, self.channel, _KIND_CODE[self.kind], self.dir, _MAGIC):
+        if seq != op.seq or mb != op.mb or magic != _MAGIC or (channel, kind, dir) != self._tail:
             for field, got, want in (("magic", magic, _MAGIC), ("channel", channel, self.channel),
                                      ("kind", kind, _KIND_CODE[self.kind]), ("dir", dir, self.dir),
                                      ("seq", seq, op.seq), ("mb", mb, op.mb)):

@@ -194,11 +194,9 @@ class Progress:
             self._deadline = None
 
     def _poll(self, op: object) -> bool:
-        """Test ``op``'s open requests one by one; completes (at most) one; returns whether it did.
-        Oldest first: receives posted ahead are waited for in posting order, so the awaited one is
-        near the front of the list."""
+        """Test ``op``'s open requests one by one; completes (at most) one; returns whether it did."""
         owners, status = self._owners, self._status
-        for i in range(1, len(owners)):
+        for i in range(len(owners) - 1, 0, -1):
             owner, part = owners[i]
             if owner is op:
                 try:

@@ -23,7 +23,7 @@ help:
 	@echo "make schedule ARGS='dualpipe --pp 8 --microbatches 20' - print a pipeline schedule"
 	@echo "make topology ARGS='--nodes 8 --devices-per-node 8 --max-nodes 4' - rank layout, expert placement, predicted EP traffic"
 	@echo "make plan ARGS='--cluster v3-2048.toml' - DeepSeek-V3 at full scale priced without the hardware"
-	@echo "make cluster HOSTFILE=hosts NP=16 CONFIG=run.toml [MPI=openmpi|mpich|slurm] [DRY=1] - launch on a cluster"
+	@echo "make cluster HOSTFILE=hosts NP=16 CONFIG=run.toml [MPI=openmpi|mpich|slurm] [DRY=1] [HEAD=host PORT=29600] - launch on a cluster (supervised from this node)"
 	@echo "make clean   - remove logs, caches and bench results (keeps $(VENV))"
 
 $(PY):
@@ -96,6 +96,7 @@ plan: setup
 cluster: setup
 	@test -n "$(HOSTFILE)" -a -n "$(NP)" || { echo "make cluster: give HOSTFILE=hosts NP=ranks [CONFIG=run.toml]"; exit 2; }
 	PYTHON=$(PY) $(PY) -m launch.cluster -f $(HOSTFILE) -n $(NP) $(if $(MPI),--mpi $(MPI)) $(if $(DRY),--dry-run) \
+		$(if $(HEAD),--head $(HEAD)) $(if $(PORT),--port $(PORT)) \
 		-- launch.train $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 clean:

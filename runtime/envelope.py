@@ -162,7 +162,7 @@ def pack_header_into(buf, *, kind: str, src: int, dst: int, channel: int, seq: i
     """Encode a header at the start of writable ``buf`` (one ``pack_into``, nothing built per
     field), then ``payload`` when inline; returns the message's length and the payload's nbytes.
 
-    ``payload`` is the tensor's bytes as any flat buffer (:func:`tensor_bytes`, an mpi4py buffer);
+    ``payload`` is the tensor's bytes as a flat byte buffer (:func:`tensor_bytes`, an mpi4py buffer);
     ``buf`` must hold ``HEADER_SIZE`` bytes, plus ``nbytes`` for an inline payload.
     """
     dt = _DTYPE_CODE.get(dtype)
@@ -183,10 +183,9 @@ def pack_header_into(buf, *, kind: str, src: int, dst: int, channel: int, seq: i
         return HEADER_SIZE, nbytes
     end = HEADER_SIZE + nbytes
     if nbytes:
-        view = memoryview(payload).cast("B")
-        if len(view) != nbytes:
-            raise ValueError(f"inline payload has {len(view)} bytes, header says {nbytes}")
-        memoryview(buf)[HEADER_SIZE:end] = view
+        if len(payload) != nbytes:
+            raise ValueError(f"inline payload has {len(payload)} bytes, header says {nbytes}")
+        memoryview(buf)[HEADER_SIZE:end] = payload
     return end, nbytes
 
 

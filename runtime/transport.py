@@ -145,10 +145,11 @@ class RecvHandle:
     """A posted receive. ``done`` once the tensor is in ``tensor``; ``header`` is set on arrival."""
 
     __slots__ = ("peer", "channel", "shape", "dtype", "nbytes", "expect", "seq", "tensor", "header", "hdr_buf",
-                 "open", "t_post", "t_done", "on_done", "_tp")
+                 "open", "t_post", "t_done", "on_done", "_tp", "_stream")
 
-    def __init__(self, tp: Transport, peer: int, channel: int, shape, dtype, out, expect, seq: int):
+    def __init__(self, tp: Transport, stream: _Stream, peer: int, channel: int, shape, dtype, out, expect, seq: int):
         self._tp = tp
+        self._stream = stream
         self.peer = peer
         self.channel = channel
         self.shape = shape
@@ -344,7 +345,7 @@ class Transport:
         if dtype is not None:
             dtype_code(dtype)
         s = self._streams.get((peer, channel)) or self._stream(peer, channel)
-        h = RecvHandle(self, peer, channel, tuple(shape) if shape is not None else None, dtype, out, expect,
+        h = RecvHandle(self, s, peer, channel, tuple(shape) if shape is not None else None, dtype, out, expect,
                        s.recv_seq)
         s.recv_seq += 1
         buf = h.hdr_buf = self._buf_pool.pop() if self._buf_pool else bytearray(_HDR_BUF)
@@ -406,7 +407,7 @@ class Transport:
         h.header = header
         if header.inline:
             if h.tensor is not None:
-                _wire(h.tensor)[:] = inline
+                MPI.buffer.fromaddress(h.tensor.data_ptr(), len(inline))[:] = inline
             elif header.nbytes:
                 h.tensor = torch.frombuffer(bytearray(inline), dtype=header.dtype).reshape(header.shape)
             else:
@@ -416,7 +417,7 @@ class Transport:
         if h.shape is None:  # its size is known now: it and the receives behind it may post payloads
             if not header.inline:
                 h.open += 1
-            self._post_payloads(self._streams[(h.peer, h.channel)])
+            self._post_payloads(h._stream)
         if h.open == 0:
             self._recv_done(h)
 
@@ -431,10 +432,10 @@ class Transport:
 
     def _recv_done(self, h: RecvHandle) -> None:
         h.t_done = time.monotonic_ns()
-        s = self._streams[(h.peer, h.channel)]
+        recvs = h._stream.recvs
         # Receives complete in stream order: the payload tag is FIFO and headers precede payloads.
-        while s.recvs and s.recvs[0].done:
-            s.recvs.popleft()
+        while recvs and recvs[0].done:
+            recvs.popleft()
         if self._on_span is not None:
             hd = h.header
             self._span(spans.RECV, h.t_post, h.t_done, hd.src, hd.channel, hd.kind, hd.key, hd.nbytes, hd.seq)

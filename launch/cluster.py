@@ -117,9 +117,9 @@ class Head:
     SIGKILLs it this many seconds later."""
 
     def __post_init__(self) -> None:
-        if not self.host or any(c.isspace() for c in self.host):
-            raise ValueError(f"head.host={self.host!r}: pass --head with the name or IP address the nodes reach "
-                             f"this one by")
+        if not self.host or any(c.isspace() or c in ":/[]" for c in self.host):
+            raise ValueError(f"head.host={self.host!r}: pass --head with the host name or IPv4 address the nodes "
+                             f"reach this one by")
         if not 0 < self.port < 65535:
             raise ValueError(f"head.port={self.port}: must be 1-65534 (the collector takes port + 1); pass --port")
         if not self.kill_grace_s >= 0:

@@ -137,6 +137,7 @@ def test_dry_run_cli(tmp_path, monkeypatch, capsys):
     assert "python3 -m launch.collector 'tcp://*:4001'" in lines and "HETEROPIPE_SUPERVISOR=tcp://h0:4000" in lines
     assert lines[-2].split() == ["0", "a", "0", "cuda:0", "-", "-"] and not (tmp_path / "logs").exists()
     for bad, says in ((["-n", "20"], "needs 20"), (["-n", "2", "--port", "65535"], "pass --port"),
+                      (["-n", "2", "--head", "tcp://h0"], "host name or IPv4 address"),
                       (["-n", "2", "--supervise", "--liveness-s", "1"], "liveness_s=1.0: must be at least two")):
         assert main(["-f", "hosts", *bad, "--mpi", "slurm", "--dry-run", "--", "launch.ring"]) == 2
         err = capsys.readouterr().err

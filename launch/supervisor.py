@@ -268,7 +268,8 @@ class Supervisor:
         for st in self._ranks:
             if st.hello is None:
                 if now - self._t0 > c.startup_s:
-                    return self._verdict("silent", st, f"never reported within the {c.startup_s:g} s start-up grace")
+                    return self._verdict("silent", st, f"never reported within the {c.startup_s:g} s start-up grace "
+                                                       f"(a rank on another node: can it reach {self.address}?)")
                 continue
             if st.final is None and now - st.t_seen > c.liveness_s:
                 state = _proc_state(st.hello["pid"]) if st.hello["host"] == self._local else None

@@ -79,7 +79,7 @@ def test_rank_that_never_reports_is_named_after_the_startup_grace():
     sup = Supervisor(2, FAST)
     sup._take({"type": "hello", "rank": 0, "pid": 1, "host": "elsewhere", "role": {"role": "stage"}, "log_dir": None})
     v = _run_until_verdict(sup, lambda: _beat(sup, 0, count=time.monotonic_ns(), waits_for=[]))
-    assert v["verdict"] == "silent" and v["rank"] == 1 and "never reported" in v["why"]
+    assert v["verdict"] == "silent" and v["rank"] == 1 and "never reported" in v["why"] and sup.address in v["why"]
     sup.close()
 
 

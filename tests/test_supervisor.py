@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import msgpack
 import pytest
 import zmq
 
-from launch.supervisor import Supervisor, SupervisorConfig
+from launch.supervisor import EXIT_CODE, Supervisor, SupervisorConfig, supervise
 from runtime.heartbeat import Heartbeat
 
 FAST = SupervisorConfig(heartbeat_s=0.05, liveness_s=0.4, progress_s=0.4, startup_s=0.6)
@@ -146,3 +147,16 @@ def test_cluster_supervisor_listens_on_every_interface_and_skips_stray_frames():
     push.close(linger=0)
     ctx.term()
     sup.close()
+
+
+def test_verdict_ends_a_launcher_that_ignores_sigterm_after_the_grace():
+    # a cluster launcher gets SIGTERM first (to take its remote ranks down); one that ignores it, or
+    # whose rank is frozen, must still be gone after kill_grace_s, never leaving the supervisor waiting
+    sup = Supervisor(1, FAST)  # no rank ever reports: "silent" after the 0.6 s start-up grace
+    t0 = time.monotonic()
+    res = supervise(["sh", "-c", "trap '' TERM; echo up; sleep 30"], sup, capture=True, kill_grace_s=0.5)
+    t_end, took = time.time(), time.monotonic() - t0
+    sup.close()
+    assert res.returncode == EXIT_CODE and "never reported" in res.stdout and "up" in res.stdout
+    t_verdict = float(re.search(r"verdict at unix time ([0-9.]+)", res.stdout).group(1))
+    assert t_end - t_verdict >= 0.5 and took < 5, (t_end - t_verdict, took)  # the grace, then SIGKILL

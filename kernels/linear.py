@@ -3,8 +3,9 @@
 Backends (see :mod:`kernels.backend` for which device gets which):
 
 - ``"fp32"``: float32 GEMMs (torch.matmul) — the exact path the pipeline tests compare bit for bit.
-- ``"bf16"``: operands rounded to bfloat16, torch.matmul in bfloat16 (float32 accumulation on
-  every GPU/CPU library we target); outputs, weight gradients included, come out in bfloat16
+- ``"bf16"``: operands rounded to bfloat16, float32 accumulation, products rounded to bfloat16
+  (torch's bfloat16 matmul on CUDA; on the CPU a float32 matmul of the rounded operands, see
+  ``_bf16_mm``); outputs, weight gradients included, come out in bfloat16
   and are returned as float32 / x's dtype. Saved activations are the bfloat16 copies.
 - ``"fp8"``: DeepSeek-V3's recipe. Forward: x quantized 1x128, W 128x128 (E4M3, scale =
   amax / 448 computed online), FP8 GEMM with float32 accumulation promoted per 128-wide K
@@ -101,7 +102,17 @@ def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _bf16_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.matmul(a.to(torch.bfloat16), b.to(torch.bfloat16))
+    """A BF16 GEMM: operands rounded to bfloat16, float32 accumulation, the product rounded to bfloat16.
+
+    On CUDA that is torch's bfloat16 matmul. Elsewhere the same arithmetic runs as a float32 matmul of
+    the rounded operands (exact products, float32 sums) rounded once at the end: torch's CPU bfloat16
+    matmul was 7.7x slower than float32 on this project's AVX2 CI machines (no AMX), and the BF16 ranks
+    of the CPU tests spent most of their time there.
+    """
+    a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    if a.is_cuda:
+        return torch.matmul(a, b)
+    return torch.matmul(a.float(), b.float()).to(torch.bfloat16)
 
 
 def _bias_grad(ctx, g2: torch.Tensor) -> torch.Tensor | None:
@@ -117,7 +128,7 @@ class _LinearBF16(torch.autograd.Function):
         ctx.save_for_backward(xb, weight)
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        y = torch.matmul(xb, weight.to(torch.bfloat16).t()).to(x.dtype)
+        y = _bf16_mm(xb, weight.t()).to(x.dtype)
         return y + bias.to(y.dtype) if bias is not None else y
 
     @staticmethod
@@ -244,7 +255,7 @@ class _GroupedLinear(torch.autograd.Function):
                 return triton_ops.bf16_grouped_gemm(xb, wb, offsets, torch.bfloat16).to(x.dtype)
             y = x.new_empty(x.shape[0], n)
             for i, lo, hi in _segments(offsets):
-                y[lo:hi] = torch.matmul(xb[lo:hi], wb[i].t())
+                y[lo:hi] = _bf16_mm(xb[lo:hi], wb[i].t())
             return y
         ctx.save_for_backward(x, weight)
         y = x.new_empty(x.shape[0], n)

@@ -18,6 +18,7 @@ from actors.model import ModelConfig
 from actors.optim import OptimConfig
 from kernels import backend_for
 from runtime.schedules import KINDS_TABLE, SCHEDULE_NAMES
+from topology.kinds import KINDS
 
 __all__ = ["PipelineConfig", "TrainConfig", "load_toml", "from_dict", "resolve_precision"]
 
@@ -40,6 +41,10 @@ class PipelineConfig:
     nodes: int = 1
     """Emulated nodes each stage's EP group spans (ep / nodes ranks per node): dispatch crosses them
     (launch.local: the job gets pp x nodes nodes of ep / nodes ranks)."""
+    redundant_experts: int = 0
+    """Extra routed-expert slots per MoE layer over each EP group (EPLB's redundant experts; needs
+    ep > 1): the placement puts replicas where they even out the load, and with rank_kind a slower
+    rank gets fewer experts (with one slot per expert every rank holds the same share)."""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULE_NAMES:
@@ -55,6 +60,12 @@ class PipelineConfig:
         if self.micro_batch % self.ep:
             raise ValueError(f"pipeline.micro_batch={self.micro_batch}: must be divisible by ep={self.ep} (each ep "
                              f"rank takes micro_batch / ep rows); use a multiple of {self.ep}")
+        r = self.redundant_experts
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ValueError(f"pipeline.redundant_experts={r!r}: must be an integer >= 0")
+        if r and self.ep == 1:
+            raise ValueError(f"pipeline.redundant_experts={r}: replicas spread experts over an EP group; "
+                             f"set ep > 1 or drop it")
 
     @property
     def num_stages(self) -> int:
@@ -90,6 +101,11 @@ class TrainConfig:
     """Per-rank override of model.precision (fp32, bf16, fp8 or auto), one entry per pipeline rank
     (all its ep ranks) or, with ep > 1, one per MPI rank (pp x ep, rank order): e.g. FP8 ranks on
     Hopper nodes and BF16 ranks on devices without FP8 in one job, in one EP group too."""
+    rank_kind: list[str] | None = None
+    """Each rank's device kind from the cluster description (topology.kinds.KINDS: h800, ascend910c,
+    ...), one per pipeline rank or, with ep > 1, one per MPI rank; launch.cluster passes it. With
+    ep > 1 the expert placement gives every rank load in proportion to its kind's speed (KINDS: at
+    the precision the kind trains in) (pipeline.redundant_experts lets it move whole experts to the faster ranks)."""
     checkpoint_dir: str = "checkpoints"
     """Checkpoints go to CHECKPOINT_DIR/step-NNNNNNNN/ (one shard per rank, manifest written last)."""
     checkpoint_every: int = 0
@@ -127,12 +143,32 @@ class TrainConfig:
             for r, p in enumerate(self.rank_precision):
                 if p not in ("fp32", "bf16", "fp8", "auto"):
                     raise ValueError(f"rank_precision[{r}]={p!r}: choose fp32, bf16, fp8 or auto")
+        if self.rank_kind is not None:
+            self.rank_kind = list(self.rank_kind)
+            pp, ranks = self.pipeline.pp, self.pipeline.pp * self.pipeline.ep
+            if len(self.rank_kind) not in (pp, ranks):
+                raise ValueError(f"rank_kind has {len(self.rank_kind)} entries: give one per pipeline rank ({pp})"
+                                 + (f" or one per rank ({ranks})" if ranks != pp else ""))
+            for r, k in enumerate(self.rank_kind):
+                if k not in KINDS:
+                    raise ValueError(f"rank_kind[{r}]={k!r}: unknown device kind; known: {', '.join(KINDS)}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every={self.checkpoint_every!r}: must be >= 0 (0 disables checkpoints)")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite={self.nonfinite!r}: choose stop (end the job) or skip (drop the step)")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"data={self.data!r}: no such file (omit it to use the synthetic task)")
+
+
+def rank_speeds(cfg: TrainConfig) -> list[float] | None:
+    """Every MPI rank's relative speed (topology.kinds.KINDS, at the precision its kind trains in), in
+    rank order, from rank_kind; None without it (all ranks alike)."""
+    kinds = cfg.rank_kind
+    if kinds is None:
+        return None
+    ep = cfg.pipeline.ep
+    per_rank = kinds if len(kinds) == cfg.pipeline.pp * ep else [k for k in kinds for _ in range(ep)]
+    return [KINDS[k].speed for k in per_rank]
 
 
 def resolve_precision(cfg: TrainConfig, rank: int, device: str = "cpu") -> str:

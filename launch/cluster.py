@@ -171,8 +171,10 @@ def _device(kind: str, local: int) -> str:
     return f"npu:{local}" if kind.startswith("ascend") else f"cuda:{local}"
 
 
-def _train_shape(module: str, args: list[str]) -> tuple[int, int, Schedule, str | None] | None:
-    """(pp, ep, schedule, precision set by the arguments or None) of a launch.train job; None for other modules."""
+def _train_shape(module: str, args: list[str]) -> tuple[int, int, Schedule, str | None, bool] | None:
+    """(pp, ep, schedule, precision set by the arguments or None, whether expert placement can weigh
+    rank speeds: redundant experts and no --rank-kind of the user's) of a launch.train job; None for
+    other modules."""
     if module != "launch.train":
         return None
     from launch.train import parse_config  # imports the model: only for training jobs
@@ -182,7 +184,8 @@ def _train_shape(module: str, args: list[str]) -> tuple[int, int, Schedule, str 
     if "--precision" in args or "--rank-precision" in args or cfg.rank_precision:
         forced = ",".join(cfg.rank_precision) if cfg.rank_precision else cfg.model.precision
     pipe = cfg.pipeline
-    return pipe.pp, pipe.ep, build(pipe.schedule, pipe.pp, pipe.microbatches), forced
+    weigh = pipe.redundant_experts > 0 and cfg.rank_kind is None
+    return pipe.pp, pipe.ep, build(pipe.schedule, pipe.pp, pipe.microbatches), forced, weigh
 
 
 def launch_plan(cluster: Cluster, np: int, flavor: str, module: str, args: list[str], *, kinds_known: bool,
@@ -214,7 +217,7 @@ def launch_plan(cluster: Cluster, np: int, flavor: str, module: str, args: list[
     roles = ["-"] * np
     precision = ["-"] * np
     if shape is not None:
-        pp, ep, schedule, forced = shape
+        pp, ep, schedule, forced, weigh = shape
         if pp * ep != np:
             raise ValueError(f"np={np}: the training job runs pp x ep = {pp} x {ep} = {pp * ep} ranks; set NP={pp * ep} "
                              f"or change --pp/--ep")
@@ -227,6 +230,9 @@ def launch_plan(cluster: Cluster, np: int, flavor: str, module: str, args: list[
 
             for e in range(ep):  # DualPipe's mirror ranks (same ep index) hold the same stages
                 check_mirror_kinds(schedule.name, [rank_kinds[p * ep + e] for p in range(pp)])
+        if weigh and kinds_known and len(set(rank_kinds)) > 1:
+            # replicas can follow speed: each rank's kind weighs its share of the experts (launch.train)
+            args += ["--rank-kind", ",".join(rank_kinds)]
         if forced is None and kinds_known:
             uniform = all(len(set(per_rank[p * ep:(p + 1) * ep])) == 1 for p in range(pp))
             args += ["--rank-precision", ",".join(per_rank[::ep] if uniform else per_rank)]

@@ -18,7 +18,7 @@ import torch
 from mpi4py import MPI
 
 from actors import checkpoint
-from actors.config import TrainConfig, from_dict, load_toml, resolve_precision
+from actors.config import TrainConfig, from_dict, load_toml, rank_speeds, resolve_precision
 from actors.data import RowShard, SyntheticTokens, TokenFile
 from actors.ep_layout import expert_parallel_job
 from actors.pipeline import StageActor
@@ -53,9 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     a("--schedule", choices=SCHEDULE_NAMES, help="pipeline schedule (default dualpipe)")
     a("--pp", type=int, help="pipeline ranks (default 4; MPI ranks = pp x ep); dualpipev puts 2*pp stages on them")
     a("--ep", type=int, help="expert-parallel ranks per stage (default 1): each routes its own micro-batch / ep rows "
-                             "and holds 1/ep of every MoE layer's experts; fp32 only")
+                             "and holds 1/ep of every MoE layer's experts")
     a("--nodes", type=int, help="emulated nodes each stage's EP group spans (default 1; must divide ep): dispatch "
                                 "and combine cross them by two hops (rail peer, then inside the node)")
+    a("--redundant-experts", type=int, metavar="N",
+      help="extra expert slots per MoE layer over each EP group (default 0; needs --ep > 1): replicas even out "
+           "the load, and with --rank-kind move experts to the faster ranks")
     a("--microbatches", type=int, help="microbatches per step (dualpipe: even, >= 2*pp; dualpipev: >= 2*pp)")
     a("--micro-batch", type=int, help="sequences per microbatch (default 2)")
     a("--seq-len", type=int, help="tokens per sequence")
@@ -68,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
            "(per rank from its device: fp8 on Hopper, bf16 elsewhere)")
     a("--rank-precision", metavar="P0,P1,...",
       help="per-rank precision, one per pipeline rank (e.g. fp8,fp8,bf16,bf16: FP8 and BF16 ranks in one job)")
+    a("--rank-kind", metavar="K0,K1,...",
+      help="per-rank device kind (topology.kinds: h800, h100, h200, ascend910b, ascend910c, cpu), one per pipeline "
+           "rank or per MPI rank; launch.cluster passes it from the cluster file. With --ep the expert placement "
+           "weighs each rank by its kind's speed")
     a("--device", help="where each rank computes: auto (default: its own GPU by local rank on the node, else an "
                         "Ascend NPU, else the CPU), cpu, cuda, cuda:N, npu, npu:N; env HETEROPIPE_DEVICE too")
     a("--share-device", action="store_true", default=None,
@@ -96,6 +103,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     over: dict = {"model": {}, "optim": {}, "pipeline": {}}
     for flag, (section, key) in {"schedule": ("pipeline", "schedule"), "pp": ("pipeline", "pp"),
                                  "ep": ("pipeline", "ep"), "nodes": ("pipeline", "nodes"),
+                                 "redundant_experts": ("pipeline", "redundant_experts"),
                                  "microbatches": ("pipeline", "microbatches"),
                                  "micro_batch": ("pipeline", "micro_batch"), "seq_len": ("model", "seq_len"),
                                  "model": ("model", "preset"), "hidden": ("model", "hidden"),
@@ -111,6 +119,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             over[key] = getattr(ns, flag)
     if ns.rank_precision is not None:
         over["rank_precision"] = [p.strip() for p in ns.rank_precision.split(",")]
+    if ns.rank_kind is not None:
+        over["rank_kind"] = [k.strip() for k in ns.rank_kind.split(",")]
     if ns.no_trace:
         over["trace"] = False
     if ns.resume:
@@ -247,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         try:  # every rank's precision picks the wire format of the exchanges with it (actors/ep_wire.py)
             job = expert_parallel_job(comm, pp=cfg.pipeline.pp, ep=cfg.pipeline.ep, nodes=cfg.pipeline.nodes,
                                       model=m, microbatches=cfg.pipeline.microbatches, precisions=precisions,
-                                      trace=cfg.trace)
+                                      num_replicas=m.num_routed_experts + cfg.pipeline.redundant_experts,
+                                      speeds=rank_speeds(cfg), trace=cfg.trace)
         except ValueError as exc:  # the same verdict on every rank (from the gathered precisions)
             if comm.rank == 0:
                 print(f"launch.train: bad configuration: {exc}", file=sys.stderr)

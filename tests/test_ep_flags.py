@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.config import resolve_precision
+from actors.config import rank_speeds, resolve_precision
 from actors.preflight import preflight
 from launch.train import parse_config
 
@@ -22,6 +22,10 @@ BAD = [  # (flags, MPI ranks, phrases the message must hold)
     (["--ep", "2", "--rank-precision", "fp8,bf16,bf16"], 4, ["rank_precision has 3 entries", "one per rank (4"]),
     (["--ep", "2", "--resume"], 4, ["no complete checkpoint", "drop --resume"]),
     (["--ep", "0"], 0, ["pipeline.ep=0", "positive integer"]),
+    (["--redundant-experts", "2"], 2, ["pipeline.redundant_experts=2", "set ep > 1"]),
+    (["--ep", "2", "--redundant-experts", "-1"], 4, ["pipeline.redundant_experts=-1", ">= 0"]),
+    (["--ep", "2", "--rank-kind", "h800,h800,h800"], 4, ["rank_kind has 3 entries", "one per rank (4)"]),
+    (["--ep", "2", "--rank-kind", "h800,a100"], 4, ["rank_kind[1]='a100'", "known: h800"]),
 ]
 
 
@@ -51,3 +55,17 @@ def test_bf16_fp8_and_mixed_precisions_pass_with_expert_parallelism(tmp_path):
     per_pp = parse_config([*BASE, "--ep", "2", "--nodes", "2", *ck, "--rank-precision", "fp8,bf16"])
     assert [resolve_precision(per_rank, r) for r in range(4)] == ["fp8", "bf16", "bf16", "fp8"]
     assert [resolve_precision(per_pp, r) for r in range(4)] == ["fp8", "fp8", "bf16", "bf16"]
+
+
+def test_rank_kinds_give_each_rank_its_kind_speed(tmp_path):
+    """A per-pipeline-rank kind list covers all its ep ranks, a per-rank one each rank (the expert
+    placement's weights; catches a list applied in the wrong order or not expanded over ep)."""
+    from topology.kinds import KINDS
+
+    ck = ["--checkpoint-dir", str(tmp_path / "ck")]
+    slow, fast = KINDS["ascend910c"].speed, KINDS["h800"].speed
+    per_pp = parse_config([*BASE, "--ep", "2", "--nodes", "2", *ck, "--rank-kind", "ascend910c,h800"])
+    per_rank = parse_config([*BASE, "--ep", "2", "--nodes", "2", *ck, "--rank-kind", "h800,ascend910c,h800,ascend910c"])
+    assert rank_speeds(per_pp) == [slow, slow, fast, fast]
+    assert rank_speeds(per_rank) == [fast, slow, fast, slow]
+    assert rank_speeds(parse_config([*BASE, *ck])) is None

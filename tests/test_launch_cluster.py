@@ -142,3 +142,16 @@ def test_dry_run_cli(tmp_path, monkeypatch, capsys):
         assert main(["-f", "hosts", *bad, "--mpi", "slurm", "--dry-run", "--", "launch.ring"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("launch.cluster: ") and says in err and err.count("\n") == 1, err
+
+
+def test_rank_kinds_passed_when_replicas_can_follow_speed():
+    """With redundant experts on a cluster of mixed kinds, launch.train gets every rank's kind (the
+    expert placement weighs ranks by their kinds' speeds); without replicas the weighting cannot
+    move load, so nothing is added (catches a kind list in the wrong rank order, or none passed)."""
+    kinds = ["h800", "ascend910c", "h800", "ascend910c"]
+    mixed = Cluster(nodes=tuple(Node(name=f"n{i}", num_devices=1, kind=k) for i, k in enumerate(kinds)))
+    base = ["--pp", "2", "--ep", "2", "--nodes", "2", "--micro-batch", "2", "--schedule", "dualpipev"]
+    plan = launch_plan(mixed, 4, "mpich", "launch.train", [*base, "--redundant-experts", "4"], kinds_known=True)
+    argv = list(plan.argv)
+    assert argv[argv.index("--rank-kind") + 1] == ",".join(kinds)
+    assert "--rank-kind" not in launch_plan(mixed, 4, "mpich", "launch.train", base, kinds_known=True).argv

@@ -377,3 +377,16 @@ def test_bad_input_names_the_field(kwargs, match):
         rebalance(**args)
     with pytest.raises(ValueError, match="price_per_gib"):
         Migration(previous=torch.zeros(1, 48, dtype=torch.long), bytes_per_replica=1, price_per_gib=-1.0)
+
+
+def test_speed_fillers_fit_the_node_limits():
+    """Two groups homed on two one-device nodes, one fast and one slow device, 8 experts in 12 slots:
+    the per-speed filler counts once gave every extra replica to one group's experts, more than the
+    other node's free slots, and rebalance stopped on an internal assertion (seen through
+    launch.train --rank-kind h800,ascend910c,... --redundant-experts 4 --experts 8)."""
+    speed = torch.tensor([1.0, 0.3])
+    phy2log, log2phy, logcnt = rebalance(torch.ones(1, 8), 12, 2, 2, 2, device_speed=speed)
+    slots = phy2log.reshape(2, 6)
+    assert all(len(set(row.tolist())) == 6 for row in slots), "two replicas of one expert on a device"
+    assert sorted(phy2log[0].tolist()) == sorted(e for e in range(8) for _ in range(int(logcnt[0, e])))
+    assert (logcnt >= 1).all() and int(logcnt.sum()) == 12

@@ -251,7 +251,10 @@ def _plan_layer(w: np.ndarray, shape: _Shape, prev: np.ndarray | None, price: fl
             break
         node_cap = _node_caps(cnt, home, num_nodes, per_node, reach)
         slots = _fresh_plan(w, cnt, home, shape, node_cap, reach)
+        if slots is None:  # these counts do not fit the node limits; another candidate does
+            continue
         plans.append((_imbalance_1(w, slots, shape), len(plans), slots, node_cap))
+    assert plans, "the greedy counts always fit the plain node limits"
     _, _, slots, node_cap = min(plans)
     if prev is None:
         return slots.ravel()
@@ -267,13 +270,16 @@ def _plan_layer(w: np.ndarray, shape: _Shape, prev: np.ndarray | None, price: fl
 
 
 def _fresh_plan(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shape, node_cap: np.ndarray,
-                reach: np.ndarray | None) -> np.ndarray:
-    """Steps 3-4 of the module docstring for given counts: slots [num_devices, slots]."""
+                reach: np.ndarray | None) -> np.ndarray | None:
+    """Steps 3-4 of the module docstring for given counts: slots [num_devices, slots]; None when the
+    counts cannot be packed within the node limits."""
     num_devices, num_nodes = shape.num_devices, shape.num_nodes
     per_node = num_devices // num_nodes
     if home[0] >= 0:  # node level first: node loads can differ from group loads only via free replicas
         node_speed = shape.speed.reshape(num_nodes, per_node).sum(1)
         nodes = _node_packing(w, cnt, home, shape, node_speed, node_cap, reach)
+        if nodes is None:
+            return None
         # a node-level move must not make a replica heavier than a device's share (or than the
         # heaviest one already is): whole nodes balance but a replica cannot be split over devices
         heavy = max((w / cnt).max(), w.sum() / shape.speed.sum() * shape.speed.min())
@@ -381,7 +387,9 @@ def _replica_counts(w: np.ndarray, num_replicas: int, num_devices: int, num_grou
         spare = num_replicas - filler.sum()
         if spare < 0:
             continue
-        for e in itertools.islice(itertools.cycle(np.argsort(w, kind="stable")), None):
+        # lightest first, equal loads round-robin over the groups (as the greedy's ties): extras piled
+        # into one group's experts can overflow the other nodes' free slots under node limits
+        for e in itertools.islice(itertools.cycle(np.lexsort((tie, w))), None):
             if spare == 0:
                 break
             if filler[e] < num_devices:
@@ -393,9 +401,10 @@ def _replica_counts(w: np.ndarray, num_replicas: int, num_devices: int, num_grou
 
 
 def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shape,
-                  node_speed: np.ndarray, node_cap: np.ndarray, reach: np.ndarray | None) -> np.ndarray:
-    """Replicas onto nodes: [num_nodes, slots per node] expert ids. Every expert's first replica
-    sits on its home node; the others are packed LPT-style onto the nodes within ``node_cap``.
+                  node_speed: np.ndarray, node_cap: np.ndarray, reach: np.ndarray | None) -> np.ndarray | None:
+    """Replicas onto nodes: [num_nodes, slots per node] expert ids (None: the counts do not fit the
+    node limits). Every expert's first replica sits on its home node; the others are packed
+    LPT-style onto the nodes within ``node_cap``.
     With ``reach``, an expert keeps at home the replicas its off-home ones could not relieve
     (``_Fits``: the tokens reaching none of its off-home nodes need its home replicas)."""
     num_nodes = shape.num_nodes
@@ -437,7 +446,8 @@ def _node_packing(w: np.ndarray, cnt: np.ndarray, home: np.ndarray, shape: _Shap
     if where is None:  # LPT found no way within the reach limits: pack within the plain limits instead,
         # accepting that some off-home replicas then get less than their share (seen at sigma 1.5)
         where = _assign(rl, free, size, node_speed, base, held, _node_caps(cnt, home, num_nodes, per_node, None))
-    assert where is not None, "the plain node limits always leave room"
+    if where is None:
+        return None
     return np.stack([np.concatenate([homes[n], free[where == n]]) for n in range(num_nodes)])
 
 

@@ -762,17 +762,19 @@ def choose_replicas(indices: torch.Tensor, phy2log: torch.Tensor, log2phy: torch
         raise ValueError(f"indices: shape {tuple(indices.shape)}; expected [tokens, top_k]")
     num_replicas = phy2log.shape[0]
     per_device = num_replicas // num_devices
-    home = group_home_nodes(phy2log[None], num_groups, num_nodes, num_devices)[0].numpy()
     e = indices.reshape(-1).cpu().numpy()
     num_tokens, top_k = indices.shape
     num_experts = logcnt.shape[0]
     if e.size and (e.min() < 0 or e.max() >= num_experts):
         raise ValueError(f"indices: expert ids must be in 0..{num_experts - 1}")
+    l2p = log2phy.cpu().numpy()
+    if num_replicas == num_experts:  # one replica each (no redundant experts): nothing to choose
+        return torch.from_numpy(l2p[e, 0].reshape(num_tokens, top_k))
+    home = group_home_nodes(phy2log[None], num_groups, num_nodes, num_devices)[0].numpy()
     tok = np.repeat(np.arange(num_tokens), top_k)
     pair_home = home[e // (num_experts // num_groups)]
     reach = np.zeros((num_tokens, num_nodes), dtype=bool)
     reach[tok[pair_home >= 0], pair_home[pair_home >= 0]] = True
-    l2p = log2phy.cpu().numpy()
     phys = l2p[e, 0].copy()  # an expert with one replica: that one (its home replica, always eligible)
     many = np.flatnonzero(logcnt.cpu().numpy()[e] > 1)
     if many.size == 0:

@@ -31,14 +31,13 @@ and are rounded to the wire format only when they leave.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kernels import dequantize_tokens, quantize_tokens
-from kernels.layout import BLOCK
+from kernels.layout import BLOCK, FP8_DTYPE, cdiv
 from runtime.exchange import Field
 
 __all__ = ["Wire", "node_wires"]
@@ -67,8 +66,8 @@ class Wire:
     def token_fields(self) -> tuple[Field, ...]:
         """A dispatched token: ``hidden`` (and its ``scale`` ``[ceil(hidden/128)]`` on FP8)."""
         if self.precision == "fp8":
-            return (Field("hidden", (self.hidden,), torch.float8_e4m3fn),
-                    Field("scale", (math.ceil(self.hidden / BLOCK),), torch.float32))
+            return (Field("hidden", (self.hidden,), FP8_DTYPE),
+                    Field("scale", (cdiv(self.hidden, BLOCK),), torch.float32))
         return (Field("hidden", (self.hidden,), self.row_dtype),)
 
     def dispatch_fields(self) -> tuple[Field, ...]:

@@ -354,8 +354,9 @@ class Transport:
         h.open = 2 if h.nbytes > INLINE_MAX else 1
         s.recvs.append(h)
         if s.unposted or shape is None:
+            # nothing to post yet: the stream's oldest unposted receive (this one, or one ahead of it)
+            # waits for its header, and _header_arrived posts the queue in order when that lands
             s.unposted.append(h)
-            self._post_payloads(s)
         elif h.nbytes > INLINE_MAX:
             self._post_payload(h)
         return h

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import struct
 from operator import itemgetter
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -221,7 +222,7 @@ def unpack_header(buf, count: int, *, src: int, tag: int) -> tuple[Header, memor
     return tuple.__new__(Header, f), memoryview(buf)[HEADER_SIZE:count]
 
 
-def _explain(f: tuple, src: int, tag: int) -> None:
+def _explain(f: tuple, src: int, tag: int) -> NoReturn:
     """Raise the EnvelopeError naming the first header field that :func:`unpack_header`'s combined check rejected."""
     where = f"message from rank {src} tag {tag}"
     magic, version, kind, dt, ndim, _, hsrc = f[:7]

@@ -13,8 +13,9 @@ which other exchanges may use too; ``progress()``, ``wait()`` and the pending-op
 cover all of them. Dynamic messages:
 
 * :meth:`Transport.isend` posts the header message (and the payload message for large tensors)
-  and returns a handle (a shared, already-done one when MPI completed the message at once). Headers go as plain ``Isend``, except every ``max_inflight``-th message
-  of a stream, which goes synchronous (``Issend``, completes once the receiver matched it): before
+  and returns a handle (a shared, already-done one when MPI completed the message at once).
+  Headers go as plain ``Isend``, except every ``max_inflight``-th message of a stream, which goes
+  synchronous (``Issend``, completes once the receiver matched it): before
   the next such marker is posted the previous one must have been matched, so a slow receiver
   throttles its sender after at most ``2 * max_inflight`` unmatched messages (backpressure)
   without a round trip on every message.

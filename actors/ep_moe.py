@@ -119,7 +119,6 @@ class EPMoE(torch.nn.Module):
         """``[slots_per_rank]`` the logical expert in each local slot."""
         self.w13 = torch.nn.Parameter(moe.w13.detach()[self.slot_experts].clone())
         self.w2 = torch.nn.Parameter(moe.w2.detach()[self.slot_experts].clone())
-        self.precisions = tuple(precisions)
         self.wires = node_wires(precisions, group.node_of, hidden=c.hidden, top_k=c.top_k)
         """Per node of the group (in ``group.node_ids`` order): the format of rows to and from its experts."""
         self.wire: Wire = self.wires[group.node_of[me]]

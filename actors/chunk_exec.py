@@ -80,7 +80,8 @@ class LocalExecutor:
         drive(backward)
 
     def sync_grads(self) -> None:
-        pass
+        """Nothing to combine: without expert parallelism a stage has one rank, which holds every
+        gradient of its chunks (DualPipe's mirror sum is MirrorSync's, before this)."""
 
     def grad_sq_sum(self, chunks: Sequence[int]) -> torch.Tensor:
         return sum((grad_sq_sum(list(self.chunks[c].parameters())).cpu() for c in chunks),

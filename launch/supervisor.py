@@ -407,7 +407,7 @@ def _end(proc: subprocess.Popen, grace_s: float) -> int:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             return proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # it ignored SIGTERM for the whole grace: SIGKILL below
             pass
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -454,7 +454,7 @@ def supervise(argv: list[str], sup: Supervisor, *, env: dict | None = None, time
                 if verdict["verdict"] == "failed":  # it aborts the job itself, with its own report
                     try:
                         proc.wait(_FAILED_GRACE_S)
-                    except subprocess.TimeoutExpired:
+                    except subprocess.TimeoutExpired:  # its own abort did not end it: _end below does
                         pass
                 say(f"{verdict['text']}\n  {sup.write_report(verdict)}")
                 rc = _end(proc, kill_grace_s)

@@ -2,24 +2,32 @@
 
 Pipeline activations and gradients and DualPipe's mirror-gradient exchange are planned: before
 anything moves, both ranks know the kind, direction, shape and dtype of every message on a
-channel and the order of the microbatches. So nothing is encoded or decoded per message:
+channel and the order of the microbatches. So nothing is encoded or decoded per message, and two
+messages of the same size still cannot be crossed unnoticed:
 
-* the sender posts the tensor's memory as it is (``Isend``, no copy) and a 16-byte **trailer**
-  (``seq``, ``mb``, ``channel``, ``kind``, ``dir``, ``chunk``, a magic byte) as a second message;
-  a payload of at most :data:`SMALL_MAX` bytes is copied into one message with its trailer
-  (one MPI message on the latency-bound path);
-* the receiver owns a **ring** of receive buffers, each with persistent requests
-  (``Recv_init``) made once; :meth:`RecvChannel.post` takes a free buffer and ``Start``\\ s its
-  requests (the buffer is the receive's handle: nothing is allocated per message). A received tensor is a view of its buffer: it may become an autograd leaf whose
-  storage the backward still reads, so a buffer returns to the ring only through
+* a payload of at most :data:`SMALL_MAX` bytes is copied into one message together with a
+  16-byte **trailer** (``seq``, ``mb``, ``channel``, ``kind``, ``dir``, ``chunk``, a magic byte),
+  sent on the channel's first tag and received with a persistent request; the receiver checks the
+  trailer against what it stamped at posting;
+* a larger payload is posted as it is (``Isend`` of the tensor's memory, no copy) as *one*
+  message whose **tag carries the check**: the channel's block of tags is indexed by the message's
+  sequence number on the channel (modulo a window) and its microbatch (modulo a window), so a
+  message only matches the receive posted for that position and microbatch. A second trailer
+  message cost ~5 us per message at 256 KiB here (MPI's per-message cost, not Python's); the tag
+  costs nothing. A message that matches no receive (microbatches sent in another order, a lost
+  or extra message) leaves its receive waiting: when that wait passes its deadline the channel
+  probes its tags and raises :class:`~runtime.envelope.EnvelopeError` naming the sender, channel
+  and field (``mb`` or ``seq``), and the pending-operation report says the same;
+* the receiver owns a **ring** of receive buffers; :meth:`RecvChannel.post` takes a free buffer
+  and starts a persistent request on it (``Recv_init``, made once per buffer and tag; nothing is
+  allocated per message). A received tensor is a view of its buffer: it may become an autograd
+  leaf whose storage the backward still reads, so a buffer returns to the ring only through
   :meth:`RecvChannel.release` (the stage actor releases after that microbatch's last B / W), and
   posting with every buffer held is an error, never a silent reuse;
-* every completed receive checks its trailer against what the receive expected when it was
-  posted (its sequence number on the channel, microbatch, channel, kind, direction) and the byte
-  count: two same-sized messages crossed, a lost message or a wrong-sized one is an
-  :class:`~runtime.envelope.EnvelopeError` naming sender, channel and field.
+* every completed receive checks its byte count: a shorter message is an EnvelopeError naming
+  ``nbytes``, a longer one an MPI error the engine turns into an EnvelopeError.
 
-The MPI tags of channel ``c`` are separate from the dynamic queues' (see
+The MPI tags of channel ``c`` are a block of their own, apart from the dynamic queues' (see
 :meth:`Transport.channel_tag`); requests go on the transport's progress engine, so progress,
 waits, deadlines and the pending-operation report cover channels too.
 """
@@ -35,20 +43,25 @@ from mpi4py import MPI
 
 from runtime import spans
 from runtime.envelope import INLINE_MAX, KINDS, EnvelopeError, itemsize
+from runtime.progress import CommTimeout
 from runtime.transport import Transport, _wire  # transport imports this module only inside its methods
 
 __all__ = ["SendChannel", "RecvChannel", "ChannelSend", "ChannelRecv", "TRAILER", "SMALL_MAX"]
 
 TRAILER = struct.Struct("<iiHBBBBxx")
-"""seq, mb, channel, kind code, dir, chunk, magic; 16 bytes after (or beside) every payload."""
+"""seq, mb, channel, kind code, dir, chunk, magic; 16 bytes after the payload of a small message."""
 _MAGIC = 0xA5
 SMALL_MAX = INLINE_MAX
 """Payloads up to this many bytes travel in one message together with their trailer."""
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+_MAX_PERSISTENT = 64
+"""Persistent receives a ring buffer of a large channel keeps (one per tag it has seen); beyond
+that a receive is a plain ``Irecv`` (a schedule with many microbatches, about 0.5 us more)."""
 
 
 class _Channel:
-    __slots__ = ("tp", "peer", "channel", "shape", "size", "dtype", "kind", "dir", "nbytes", "tag", "seq", "small")
+    __slots__ = ("tp", "peer", "channel", "shape", "size", "dtype", "kind", "dir", "nbytes", "tag", "seq", "small",
+                 "seq_mask", "mb_bits", "mb_mask")
 
     def __init__(self, tp: Transport, peer: int, channel: int, *, shape, dtype, kind: str, dir: int):
         if kind not in KINDS:
@@ -67,6 +80,12 @@ class _Channel:
         self.nbytes = math.prod(self.shape) * itemsize(dtype)
         self.small = self.nbytes <= SMALL_MAX
         self.seq = 0
+        seq_bits, self.mb_bits = tp.channel_tag_bits
+        self.seq_mask, self.mb_mask = (1 << seq_bits) - 1, (1 << self.mb_bits) - 1
+
+    def _tag(self, seq: int, mb: int) -> int:
+        """The tag of message ``seq`` (microbatch ``mb``) of a large channel: its place in the block."""
+        return self.tag + ((seq & self.seq_mask) << self.mb_bits) + (mb & self.mb_mask)
 
     def _where(self, seq: int) -> str:
         return f"rank {self.peer} channel {self.channel} ({self.kind} dir {self.dir}) seq {seq}"
@@ -81,9 +100,9 @@ class ChannelSend:
 
     __slots__ = ("ch", "mb", "chunk", "seq", "open", "keep", "t_post")
 
-    def __init__(self, ch: SendChannel, mb: int, chunk: int, seq: int, keep: tuple):
+    def __init__(self, ch: SendChannel, mb: int, chunk: int, seq: int, keep):
         self.ch, self.mb, self.chunk, self.seq, self.keep = ch, mb, chunk, seq, keep
-        self.open = 0
+        self.open = 1
         self.t_post = time.monotonic_ns()
 
     @property
@@ -91,9 +110,8 @@ class ChannelSend:
         return self.open == 0
 
     def _part_done(self, part: int, status: MPI.Status) -> None:
-        self.open -= 1
-        if self.open == 0:
-            self.ch._done(self)
+        self.open = 0
+        self.ch._done(self)
 
     def describe(self) -> dict:
         """This send's line in the pending-operation report."""
@@ -103,7 +121,8 @@ class ChannelSend:
                 "age_s": round((time.monotonic_ns() - self.t_post) / 1e9, 3)}
 
 
-_SENT = ChannelSend(None, -1, -1, -1, ())
+_SENT = ChannelSend(None, -1, -1, -1, None)
+_SENT.open = 0
 """What :meth:`SendChannel.send` returns for a message MPI completed at once (eager): done."""
 
 
@@ -136,37 +155,27 @@ class SendChannel(_Channel):
             tensor = tensor.contiguous()
         seq = self.seq
         self.seq = seq + 1
-        tp = self.tp
-        comm, engine = tp.comm, tp.engine
-        # A message MPI sends eagerly is complete when Isend returns: tested at once (~0.2 us), it
-        # never enters the engine's request list (whose Testsome costs grow with its length) and
-        # needs no handle of its own.
         if self.small:
+            # A message MPI sends eagerly is complete when Isend returns: tested at once (~0.2 us),
+            # it never enters the engine's request list (whose Testsome costs grow with its length)
+            # and needs no handle of its own.
             stage = self._stage
             nbytes = self.nbytes
             stage[:nbytes] = MPI.buffer.fromaddress(tensor.data_ptr(), nbytes)
             TRAILER.pack_into(stage, nbytes, seq, mb, self.channel, self._kind_code, self.dir, chunk, _MAGIC)
-            req = comm.Isend([stage, MPI.BYTE], self.peer, self.tag)
+            req = self.tp.comm.Isend([stage, MPI.BYTE], self.peer, self.tag)
             if req.Test():
-                if tp._on_span is not None:
+                if self.tp._on_span is not None:
                     now = time.monotonic_ns()
                     self._span(now, now, mb, chunk, seq)
                 return _SENT
             self._stage = bytearray(len(stage))  # MPI still reads this one: the next send gets a new one
-            op = ChannelSend(self, mb, chunk, seq, (stage,))
-            engine.add(req, op, 0)
-            op.open = 1
+            op = ChannelSend(self, mb, chunk, seq, stage)
         else:
-            op = ChannelSend(self, mb, chunk, seq, ())
-            trailer = TRAILER.pack(seq, mb, self.channel, self._kind_code, self.dir, chunk, _MAGIC)
-            op.keep = (tensor, trailer)
-            engine.add(comm.Isend([MPI.buffer.fromaddress(tensor.data_ptr(), self.nbytes), MPI.BYTE], self.peer,
-                                  self.tag), op, 0)
-            op.open = 1
-            req = comm.Isend([trailer, MPI.BYTE], self.peer, self.tag + 1)
-            if not req.Test():
-                engine.add(req, op, 1)
-                op.open = 2
+            req = self.tp.comm.Isend([MPI.buffer.fromaddress(tensor.data_ptr(), self.nbytes), MPI.BYTE], self.peer,
+                                     self.tag + ((seq & self.seq_mask) << self.mb_bits) + (mb & self.mb_mask))
+            op = ChannelSend(self, mb, chunk, seq, tensor)
+        self.tp.engine.add(req, op, 0)
         self.open.add(op)
         return op
 
@@ -177,7 +186,7 @@ class SendChannel(_Channel):
                                 f"{self.channel} mb {op.mb} was not received", timeout, op)
 
     def _done(self, op: ChannelSend) -> None:
-        op.keep = ()
+        op.keep = None
         self.open.discard(op)
         if self.tp._on_span is not None:
             self._span(op.t_post, time.monotonic_ns(), op.mb, op.chunk, op.seq)
@@ -194,28 +203,27 @@ class SendChannel(_Channel):
 
 
 class ChannelRecv:
-    """One buffer of a :class:`RecvChannel`'s ring, ``[nbytes + trailer]`` bytes with its persistent
-    requests, and while posted the receive into it: ``tensor`` (a view of the buffer) once ``done``.
+    """One buffer of a :class:`RecvChannel`'s ring with its persistent requests, and while posted
+    the receive into it: ``tensor`` (a view of the buffer) once ``done``.
+
+    The buffer is ``[nbytes + 16]`` bytes (payload, trailer) on a small channel and ``[nbytes]``
+    on a large one.
     """
 
-    __slots__ = ("ch", "buf", "tensor", "trailer", "reqs", "want", "held", "mb", "seq", "open", "t_post", "chunk")
+    __slots__ = ("ch", "buf", "tensor", "trailer", "want", "preqs", "req", "held", "mb", "seq", "open", "t_post")
 
     def __init__(self, ch: RecvChannel):
         self.ch = ch
-        self.buf = torch.empty(ch.nbytes + TRAILER.size, dtype=torch.uint8)
+        self.buf = torch.empty(ch.nbytes + (TRAILER.size if ch.small else 0), dtype=torch.uint8)
         self.tensor = self.buf[: ch.nbytes].view(ch.dtype).view(ch.shape)
-        self.trailer = memoryview(self.buf.numpy())[ch.nbytes:]
-        comm = ch.tp.comm
+        self.trailer = memoryview(self.buf.numpy())[ch.nbytes:] if ch.small else None
+        self.want = len(self.buf)  # bytes the message must bring
+        self.preqs: dict[int, MPI.Prequest] = {}  # tag -> persistent receive into this buffer
         if ch.small:
-            self.reqs = [comm.Recv_init([_wire(self.buf), MPI.BYTE], ch.peer, ch.tag)]
-            self.want = (ch.nbytes + TRAILER.size,)  # bytes each part must bring
-        else:
-            self.reqs = [comm.Recv_init([_wire(self.tensor), MPI.BYTE], ch.peer, ch.tag),
-                         comm.Recv_init([MPI.buffer.fromaddress(self.buf.data_ptr() + ch.nbytes, TRAILER.size),
-                                         MPI.BYTE], ch.peer, ch.tag + 1)]
-            self.want = (ch.nbytes, TRAILER.size)
+            self.preqs[ch.tag] = ch.tp.comm.Recv_init([_wire(self.buf), MPI.BYTE], ch.peer, ch.tag)
+        self.req: MPI.Request | None = None  # the posted request
         self.held = False  # posted and not yet released
-        self.mb = self.seq = self.chunk = -1  # chunk: the sender's, from the trailer
+        self.mb = self.seq = -1
         self.open = 0
         self.t_post = 0
 
@@ -225,21 +233,24 @@ class ChannelRecv:
 
     def _part_done(self, part: int, status: MPI.Status) -> None:
         count = status.Get_count(MPI.BYTE)
-        self.open -= 1
-        if count != self.want[part]:
+        self.open = 0
+        if count != self.want:
             ch = self.ch
             raise EnvelopeError(f"message from {ch._where(self.seq)}: field 'nbytes' is "
-                                f"{count - (TRAILER.size if ch.small and part == 0 else 0)}, expected "
-                                f"{ch.nbytes if part == 0 else TRAILER.size} ({'payload' if part == 0 else 'trailer'})")
-        if self.open == 0:
-            self.ch._done(self)
+                                f"{count - (TRAILER.size if ch.small else 0)}, expected {ch.nbytes}")
+        self.ch._done(self)
 
     def describe(self) -> dict:
-        """This receive's line in the pending-operation report."""
+        """This receive's line in the pending-operation report (with what the channel's tags hold
+        instead, when a message that matches no posted receive waits there)."""
         ch = self.ch
-        return {"op": "recv", "peer": ch.peer, "channel": ch.channel, "kind": ch.kind, "mb": self.mb,
-                "dir": ch.dir, "chunk": None, "seq": self.seq, "nbytes": ch.nbytes, "state": "posted",
-                "age_s": round((time.monotonic_ns() - self.t_post) / 1e9, 3)}
+        d = {"op": "recv", "peer": ch.peer, "channel": ch.channel, "kind": ch.kind, "mb": self.mb,
+             "dir": ch.dir, "chunk": None, "seq": self.seq, "nbytes": ch.nbytes, "state": "posted",
+             "age_s": round((time.monotonic_ns() - self.t_post) / 1e9, 3)}
+        unmatched = ch.unmatched(self)
+        if unmatched:
+            d["unmatched"] = unmatched
+        return d
 
 
 class RecvChannel(_Channel):
@@ -266,30 +277,67 @@ class RecvChannel(_Channel):
                                f"when posting mb {mb}: release received tensors once nothing reads them, or make the "
                                f"ring larger")
         op = self.free_slots.pop()
+        seq = self.seq
+        self.seq = seq + 1
         op.held = True
         op.mb = mb
-        op.seq = self.seq
-        self.seq += 1
+        op.seq = seq
+        op.open = 1
         op.t_post = time.monotonic_ns()
-        engine = self.tp.engine
-        reqs = op.reqs
-        if len(reqs) == 1:
-            reqs[0].Start()
-            engine.add(reqs[0], op, 0)
-            op.open = 1
+        if self.small:
+            req = op.preqs[self.tag]
         else:
-            MPI.Prequest.Startall(reqs)
-            engine.add(reqs[0], op, 0)
-            engine.add(reqs[1], op, 1)
-            op.open = 2
+            tag = self.tag + ((seq & self.seq_mask) << self.mb_bits) + (mb & self.mb_mask)
+            req = op.preqs.get(tag)
+            if req is None:
+                comm = self.tp.comm
+                if len(op.preqs) < _MAX_PERSISTENT:
+                    req = op.preqs[tag] = comm.Recv_init([_wire(op.buf), MPI.BYTE], self.peer, tag)
+                else:
+                    req = op.req = comm.Irecv([_wire(op.buf), MPI.BYTE], self.peer, tag)
+                    self.tp.engine.add(req, op, 0)
+                    return op
+        req.Start()
+        op.req = req
+        self.tp.engine.add(req, op, 0)
         return op
 
     def wait(self, op: ChannelRecv, timeout: float | None = None) -> torch.Tensor:
-        """Block until ``op`` has landed (and passed its checks); returns its tensor (a ring buffer view)."""
+        """Block until ``op`` has landed (and passed its checks); returns its tensor (a ring buffer view).
+
+        Past the deadline: :class:`EnvelopeError` naming the field when a message that matches
+        no posted receive waits on the channel (microbatches sent in another order, a message
+        skipped), else :class:`CommTimeout`.
+        """
         if op.open:
-            self.tp.engine.wait(lambda: op.open == 0, lambda: f"rank {self.tp.rank}: receive from "
-                                f"{self._where(op.seq)} mb {op.mb} got nothing", timeout, op)
+            try:
+                self.tp.engine.wait(lambda: op.open == 0, lambda: f"rank {self.tp.rank}: receive from "
+                                    f"{self._where(op.seq)} mb {op.mb} got nothing", timeout, op)
+            except CommTimeout as exc:
+                unmatched = self.unmatched(op)
+                if unmatched:
+                    raise EnvelopeError(f"message from {self._where(op.seq)}: {unmatched}") from exc
+                raise
         return op.tensor
+
+    def unmatched(self, op: ChannelRecv) -> str | None:
+        """What waits on this channel's tags for posted receive ``op`` without matching it: the
+        message at ``op``'s sequence position carrying another microbatch, or ``op``'s microbatch
+        at another position; None if neither (or on a small channel, whose trailer names it)."""
+        if self.small or not op.open:
+            return None
+        comm, status = self.tp.comm, MPI.Status()
+        seq_pos, mb_pos = op.seq & self.seq_mask, op.mb & self.mb_mask
+        window = f" (mod {self.mb_mask + 1} and {self.seq_mask + 1}: the tag carries both)"
+        for mb in range(self.mb_mask + 1):
+            if mb != mb_pos and comm.Iprobe(self.peer, self.tag + (seq_pos << self.mb_bits) + mb, status):
+                return (f"field 'mb' is {mb}, expected {op.mb & self.mb_mask}{window}: "
+                        f"{status.Get_count(MPI.BYTE)} bytes, microbatches sent in another order (crossed messages)")
+        for seq in range(self.seq_mask + 1):
+            if seq != seq_pos and comm.Iprobe(self.peer, self.tag + (seq << self.mb_bits) + mb_pos, status):
+                return (f"field 'seq' is {seq}, expected {seq_pos}{window}: {status.Get_count(MPI.BYTE)} bytes, "
+                        f"a message lost or added on the channel")
+        return None
 
     def release(self, op: ChannelRecv) -> None:
         """Return ``op``'s buffer to the ring: nothing may read its tensor afterwards."""
@@ -300,21 +348,27 @@ class RecvChannel(_Channel):
         self.free_slots.append(op)
 
     def _done(self, op: ChannelRecv) -> None:
-        seq, mb, channel, kind, dir, chunk, magic = TRAILER.unpack_from(op.trailer)
-        if seq != op.seq or mb != op.mb or magic != _MAGIC or (channel, kind, dir) != self._tail:
-            for field, got, want in (("magic", magic, _MAGIC), ("channel", channel, self.channel),
-                                     ("kind", kind, _KIND_CODE[self.kind]), ("dir", dir, self.dir),
-                                     ("seq", seq, op.seq), ("mb", mb, op.mb)):
-                if got != want:
-                    if field == "kind":
-                        got, want = KINDS[got] if got < len(KINDS) else got, self.kind
-                    raise EnvelopeError(f"message from {self._where(op.seq)}: field {field!r} is {got!r}, "
-                                        f"expected {want!r}" + (" (lost or crossed message)" if field in ("seq", "mb") else ""))
-        op.chunk = chunk
+        if self.small:
+            seq, mb, channel, kind, dir, chunk, magic = TRAILER.unpack_from(op.trailer)
+            if seq != op.seq or mb != op.mb or magic != _MAGIC or (channel, kind, dir) != self._tail:
+                self._reject(op, seq, mb, channel, kind, dir, magic)
+        else:  # the tag matched: position and microbatch agree (modulo the windows)
+            seq, mb, chunk = op.seq, op.mb, -1
         tp = self.tp
         if tp._on_span is not None:
             tp._on_span(spans.RECV, op.t_post, time.monotonic_ns(), peer=self.peer, channel=self.channel,
                         kind=self.kind, mb=mb, chunk=chunk, dir=self.dir, nbytes=self.nbytes, seq=seq)
+
+    def _reject(self, op: ChannelRecv, seq: int, mb: int, channel: int, kind: int, dir: int, magic: int) -> None:
+        """Raise the EnvelopeError naming the first trailer field that disagrees."""
+        for field, got, want in (("magic", magic, _MAGIC), ("channel", channel, self.channel),
+                                 ("kind", kind, _KIND_CODE[self.kind]), ("dir", dir, self.dir),
+                                 ("seq", seq, op.seq), ("mb", mb, op.mb)):
+            if got != want:
+                if field == "kind":
+                    got, want = KINDS[got] if got < len(KINDS) else got, self.kind
+                raise EnvelopeError(f"message from {self._where(op.seq)}: field {field!r} is {got!r}, "
+                                    f"expected {want!r}" + (" (lost or crossed message)" if field in ("seq", "mb") else ""))
 
     def open_operations(self) -> list[dict]:
         return [op.describe() for op in list(self.slots) if op.held and op.open]
@@ -322,6 +376,6 @@ class RecvChannel(_Channel):
     def free(self) -> None:
         """Free the persistent requests (after the engine cancelled any still active)."""
         for slot in self.slots:
-            for req in slot.reqs:
+            for req in slot.preqs.values():
                 req.Free()
         self.slots, self.free_slots = [], []

@@ -36,6 +36,7 @@ receive once every earlier receive on the stream has posted its own.
 from __future__ import annotations
 
 import math
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,8 +47,13 @@ from mpi4py import MPI
 
 from runtime import spans
 from runtime.envelope import (
+    HEADER,
     HEADER_SIZE,
     INLINE_MAX,
+    KINDS,
+    MAGIC,
+    MAX_NDIM,
+    VERSION,
     EnvelopeError,
     Header,
     dtype_code,
@@ -60,6 +66,14 @@ from runtime.progress import CommTimeout, Progress
 __all__ = ["TransportConfig", "Transport", "SendHandle", "RecvHandle", "CommTimeout"]
 
 _HDR_BUF = HEADER_SIZE + INLINE_MAX
+_SEQ_KEY = struct.Struct("<Q3i")
+"""seq and key, where :data:`~runtime.envelope.HEADER` has them (byte 16): all a send writes into
+its stream's header template."""
+_SEQ_KEY_OFFSET = 16
+_CHANNEL_BLOCK_BITS = 10
+"""A schedule-known channel's tags: 2**this at most (position bits + microbatch bits)."""
+_CHANNEL_MB_BITS = 6
+"""Of those, the microbatch's (a window of 64 microbatches; the rest, 16 positions, the sequence's)."""
 KEY_FIELDS = ("mb", "chunk", "dir")
 """What this transport's API, spans and reports call the header's ``key`` integers, in order:
 microbatch (-1: none), the sender's model chunk, pipeline direction."""
@@ -87,9 +101,10 @@ class TransportConfig:
     timeout_s: float = 120.0
     """Deadline for any single wait (a receive or a backpressured send); then CommTimeout."""
     max_channels: int = 1024
-    """Channels per peer for each kind of traffic; dynamic channel c uses tags 2c and 2c+1, a
-    schedule-known channel c tags 2(max_channels + c) and one above; all must stay below the MPI
-    tag bound (the standard guarantees 32767)."""
+    """Channels per peer for each kind of traffic. Dynamic channel c uses tags 2c and 2c+1; a
+    schedule-known channel c owns a block of up to 1024 tags above 2 * max_channels (one per
+    message position and microbatch, see :mod:`runtime.channels`), smaller where this MPI's tag
+    bound is lower (the standard guarantees only 32767)."""
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
@@ -145,8 +160,8 @@ handle of its own (its span, if spans are on, is recorded before returning)."""
 class RecvHandle:
     """A posted receive. ``done`` once the tensor is in ``tensor``; ``header`` is set on arrival."""
 
-    __slots__ = ("peer", "channel", "shape", "dtype", "nbytes", "expect", "seq", "tensor", "header", "hdr_buf",
-                 "open", "t_post", "t_done", "on_done", "_tp", "_stream")
+    __slots__ = ("peer", "channel", "shape", "dtype", "nbytes", "expect", "seq", "tensor", "header", "hdr",
+                 "exp", "open", "t_post", "t_done", "on_done", "_tp", "_stream")
 
     def __init__(self, tp: Transport, stream: _Stream, peer: int, channel: int, shape, dtype, out, expect, seq: int):
         self._tp = tp
@@ -161,7 +176,8 @@ class RecvHandle:
         self.seq = seq  # the stream position this receive matches: stamped when posted
         self.tensor: torch.Tensor | None = out
         self.header: Header | None = None
-        self.hdr_buf: bytearray | None = None
+        self.hdr: list | None = None  # [buffer, persistent request] of the header receive, until it lands
+        self.exp: tuple | None = None  # the header fields a known shape fixes (see _Stream.expected)
         self.open = 0
         self.t_post = time.monotonic_ns()
         self.t_done = 0
@@ -198,7 +214,8 @@ class RecvHandle:
 class _Stream:
     """State of one (peer, channel): sequence numbers, the FIFO of receives, the open sync marker."""
 
-    __slots__ = ("send_seq", "recv_seq", "recvs", "unposted", "sync")
+    __slots__ = ("send_seq", "recv_seq", "recvs", "unposted", "sync", "hdr_free", "hdr_all", "send_as", "send_tpl",
+                 "recv_as", "recv_exp")
 
     def __init__(self) -> None:
         self.send_seq = 0
@@ -206,6 +223,17 @@ class _Stream:
         self.recvs: deque[RecvHandle] = deque()  # posted, header not yet arrived or payload open
         self.unposted: deque[RecvHandle] = deque()  # in stream order: payload receive not yet posted
         self.sync: SendHandle | None = None  # the last synchronous header send, until matched
+        # header receives: [buffer, persistent request] pairs, made once, reused (Start costs ~0.2 us
+        # where an Irecv costs ~1 us); free ones, and all of them (freed by close)
+        self.hdr_free: list[list] = []
+        self.hdr_all: list[list] = []
+        # the last (kind, dtype, shape) sent and its packed header with seq and key left to fill:
+        # a stream's messages mostly repeat one form, and packing all 22 fields cost ~3 us
+        self.send_as: tuple | None = None
+        self.send_tpl = b""
+        # the last (dtype, shape) received with a known shape and the header fields it fixes
+        self.recv_as: tuple | None = None
+        self.recv_exp: tuple | None = None
 
 
 class Transport:
@@ -218,14 +246,20 @@ class Transport:
         self.size = comm.Get_size()
         self.config = config or TransportConfig()
         tag_ub = comm.Get_attr(MPI.TAG_UB) or 32767
-        if 4 * self.config.max_channels + 1 > tag_ub:
-            raise ValueError(f"TransportConfig.max_channels={self.config.max_channels} needs tags up to "
-                             f"{4 * self.config.max_channels + 1}, above this MPI's TAG_UB={tag_ub}")
+        mc = self.config.max_channels
+        per_channel = (tag_ub + 1 - 2 * mc) // mc  # tags left for each schedule-known channel's block
+        if per_channel < 1:
+            raise ValueError(f"TransportConfig.max_channels={mc} needs at least {3 * mc} tags, above this MPI's "
+                             f"TAG_UB={tag_ub}: lower max_channels to {(tag_ub + 1) // 3} or less")
+        block_bits = min(_CHANNEL_BLOCK_BITS, per_channel.bit_length() - 1)
+        mb_bits = min(_CHANNEL_MB_BITS, block_bits)
+        # bits of a schedule-known channel's tag that carry a message's position on the channel and
+        # its microbatch: (4, 6) where the tag bound is large (windows of 16 positions, 64 microbatches)
+        self.channel_tag_bits = (block_bits - mb_bits, mb_bits)
         self._own_engine = engine is None
         self.engine = engine or Progress(self.config.timeout_s)
         self._on_span = on_span
         self._streams: dict[tuple[int, int], _Stream] = {}
-        self._buf_pool: list[bytearray] = []  # receive buffers of header messages
         self._stage_pool: list[bytearray] = []  # send buffers of header messages (header + inline payload)
         self._sends: set[SendHandle] = set()
         self._channels: list = []  # schedule-known channels made here (freed by close)
@@ -253,12 +287,12 @@ class Transport:
         return ch
 
     def channel_tag(self, peer: int, channel: int) -> int:
-        """First of the two MPI tags of schedule-known channel ``channel`` (checked against the limits)."""
+        """First MPI tag of schedule-known channel ``channel``'s block (checked against the limits)."""
         if not 0 <= peer < self.size:
             raise ValueError(f"peer={peer}: not a rank of this communicator (size {self.size})")
         if not 0 <= channel < self.config.max_channels:
             raise ValueError(f"channel={channel}: must be in 0..{self.config.max_channels - 1}")
-        return 2 * (self.config.max_channels + channel)
+        return 2 * self.config.max_channels + (channel << sum(self.channel_tag_bits))
 
     # ------------------------------------------------------------------ posting
     def _stream(self, peer: int, channel: int) -> _Stream:
@@ -294,8 +328,23 @@ class Transport:
         payload = _wire(tensor)
         stage = self._stage_pool.pop() if self._stage_pool else bytearray(_HDR_BUF)
         key = (mb, chunk, dir)
-        n, nbytes = pack_header_into(stage, kind=kind, src=self.rank, dst=peer, channel=channel, seq=seq, key=key,
-                                     dtype=tensor.dtype, shape=tuple(tensor.shape), payload=payload)
+        dtype, shape = tensor.dtype, tensor.shape
+        form = s.send_as
+        if form is None or form[2] != shape or form[1] != dtype or form[0] != kind:
+            # a new form: pack (and validate) every field once, then keep it as the stream's template
+            pack_header_into(stage, kind=kind, src=self.rank, dst=peer, channel=channel, seq=0, key=(0, 0, 0),
+                             dtype=dtype, shape=tuple(shape), payload=payload)
+            s.send_tpl = bytes(stage[:HEADER_SIZE])
+            s.send_as = (kind, dtype, shape)
+        else:
+            stage[:HEADER_SIZE] = s.send_tpl
+        _SEQ_KEY.pack_into(stage, _SEQ_KEY_OFFSET, seq, mb, chunk, dir)
+        nbytes = len(payload)
+        if nbytes <= INLINE_MAX:
+            n = HEADER_SIZE + nbytes
+            stage[HEADER_SIZE:n] = payload
+        else:
+            n = HEADER_SIZE
         s.send_seq = seq + 1
         comm = self.comm
         if not sync and nbytes <= INLINE_MAX:
@@ -349,8 +398,11 @@ class Transport:
         h = RecvHandle(self, s, peer, channel, tuple(shape) if shape is not None else None, dtype, out, expect,
                        s.recv_seq)
         s.recv_seq += 1
-        buf = h.hdr_buf = self._buf_pool.pop() if self._buf_pool else bytearray(_HDR_BUF)
-        self.engine.add(self.comm.Irecv([buf, MPI.BYTE], peer, 2 * channel), h, 0)
+        if shape is not None:
+            h.exp = s.recv_exp if s.recv_as == (dtype, h.shape) else self._expected(s, peer, channel, dtype, h.shape)
+        hdr = h.hdr = s.hdr_free.pop() if s.hdr_free else self._header_receive(s, peer, channel)
+        hdr[1].Start()
+        self.engine.add(hdr[1], h, 0)
         # open parts: the header, and a separate payload from when its size is known (posted or not)
         h.open = 2 if h.nbytes > INLINE_MAX else 1
         s.recvs.append(h)
@@ -361,6 +413,24 @@ class Transport:
         elif h.nbytes > INLINE_MAX:
             self._post_payload(h)
         return h
+
+    def _header_receive(self, s: _Stream, peer: int, channel: int) -> list:
+        """A new [buffer, persistent header receive] pair for stream ``s`` (kept by it until close)."""
+        buf = bytearray(_HDR_BUF)
+        pair = [buf, self.comm.Recv_init([buf, MPI.BYTE], peer, 2 * channel)]
+        s.hdr_all.append(pair)
+        return pair
+
+    def _expected(self, s: _Stream, peer: int, channel: int, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple:
+        """What a header for a receive of known ``shape`` x ``dtype`` must hold, field by field as
+        :data:`~runtime.envelope.HEADER` unpacks: (dtype, ndim, channel, src, dst) and (nbytes,
+        shape padded with zeros), and the message's byte count; remembered as the stream's."""
+        ndim = len(shape)
+        nbytes = math.prod(shape) * itemsize(dtype)
+        exp = ((dtype_code(dtype), ndim, channel, peer, self.rank), (nbytes, *shape, *(0,) * (MAX_NDIM - ndim)),
+               HEADER_SIZE + (nbytes if nbytes <= INLINE_MAX else 0)) if ndim <= MAX_NDIM else None
+        s.recv_as, s.recv_exp = (dtype, shape), exp
+        return exp
 
     def _post_payloads(self, s: _Stream) -> None:
         """Post payload receives in stream order for every receive whose size is now known."""
@@ -395,7 +465,49 @@ class Transport:
 
     def _header_arrived(self, h: RecvHandle, count: int) -> None:
         h.open -= 1
-        header, inline = unpack_header(h.hdr_buf, count, src=h.peer, tag=2 * h.channel)
+        buf = h.hdr[0]
+        f = HEADER.unpack_from(buf)
+        exp = h.exp
+        # A receive of known shape: the fields its shape, stream and position fix are compared as
+        # tuples at once (~0.5 us); anything else, or any disagreement, takes the full decode,
+        # which names the field.
+        if (exp is not None and count == exp[2] and f[0] == MAGIC and f[1] == VERSION and f[3:8] == exp[0]
+                and f[8] == h.seq and f[12:] == exp[1] and (h.expect is None or self._as_expected(h.expect, f))):
+            header, inline = tuple.__new__(Header, f), memoryview(buf)[HEADER_SIZE:count]
+        else:
+            header, inline = self._decode(h, buf, count)
+        h.header = header
+        if count > HEADER_SIZE:
+            if h.tensor is not None:
+                _wire(h.tensor)[:] = inline  # shape and dtype checked: the sizes agree
+            else:
+                h.tensor = torch.frombuffer(bytearray(inline), dtype=header.dtype).reshape(header.shape)
+        elif h.tensor is None and header.inline:
+            h.tensor = torch.empty(header.shape, dtype=header.dtype)
+        h._stream.hdr_free.append(h.hdr)
+        h.hdr = None
+        if h.shape is None:  # its size is known now: it and the receives behind it may post payloads
+            if not header.inline:
+                h.open += 1
+            self._post_payloads(h._stream)
+        if h.open == 0:
+            self._recv_done(h)
+
+    @staticmethod
+    def _as_expected(expect: dict, f: tuple) -> bool:
+        """Whether unpacked header ``f`` has the kind and key values ``expect`` asks for."""
+        for field, want in expect.items():
+            if field == "kind":
+                if f[2] >= len(KINDS) or KINDS[f[2]] != want:
+                    return False
+            elif f[9 + _KEY_INDEX[field]] != want:
+                return False
+        return True
+
+    def _decode(self, h: RecvHandle, buf: bytearray, count: int) -> tuple[Header, memoryview]:
+        """Decode and check a header field by field: any malformed or unexpected field raises
+        EnvelopeError naming it."""
+        header, inline = unpack_header(buf, count, src=h.peer, tag=2 * h.channel)
         if header.dst != self.rank or header.channel != h.channel or header.seq != h.seq:
             self._reject(h, header, "dst", self.rank)
             self._reject(h, header, "channel", h.channel)
@@ -406,22 +518,7 @@ class Transport:
         if h.expect:
             for field, want in h.expect.items():
                 self._reject(h, header, field, want)
-        h.header = header
-        if header.inline:
-            if h.tensor is not None:
-                _wire(h.tensor)[:] = inline  # shape and dtype checked above: the sizes agree
-            elif header.nbytes:
-                h.tensor = torch.frombuffer(bytearray(inline), dtype=header.dtype).reshape(header.shape)
-            else:
-                h.tensor = torch.empty(header.shape, dtype=header.dtype)
-        self._buf_pool.append(h.hdr_buf)
-        h.hdr_buf = None
-        if h.shape is None:  # its size is known now: it and the receives behind it may post payloads
-            if not header.inline:
-                h.open += 1
-            self._post_payloads(h._stream)
-        if h.open == 0:
-            self._recv_done(h)
+        return header, inline
 
     @staticmethod
     def _reject(h: RecvHandle, header: Header, field: str, want, note: str = "") -> None:
@@ -498,6 +595,9 @@ class Transport:
         for ch in self._channels:
             ch.free()
         self._channels.clear()
+        for st in self._streams.values():  # persistent header receives, inactive after cancel_all
+            for _, req in st.hdr_all:
+                req.Free()
         if self._own_engine:
             self.engine.close()
         self._streams.clear()

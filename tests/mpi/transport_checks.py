@@ -184,8 +184,10 @@ def channel_ring() -> None:
 
 
 def channel_crossed() -> None:
-    """Rank 0 sends microbatch 1 before 0 on a channel that rank 1 reads as 0 then 1: both receives
-    fail naming sender, channel and field 'mb'; a message of the wrong size fails naming 'nbytes'."""
+    """Rank 0 sends microbatch 1 before 0 on a channel that rank 1 reads as 0 then 1: the receives
+    fail naming sender, channel and field 'mb' (a small channel at once, from its trailer; a large
+    one, whose tag carries the microbatch so that nothing matches, at its wait's deadline, and the
+    pending report names the waiting message); a message of the wrong size fails naming 'nbytes'."""
     if rank > 1:
         return
     for c, numel in enumerate((2, SMALL_MAX // 4 + 1)):
@@ -202,19 +204,30 @@ def channel_crossed() -> None:
             ops = [ch.post(mb=0), ch.post(mb=1)]
             for want, got, op in ((0, 1, ops[0]), (1, 0, ops[1])):
                 try:
-                    ch.wait(op)
+                    ch.wait(op, timeout=1.0)
                     raise AssertionError("crossed microbatches were accepted")
                 except EnvelopeError as exc:
                     assert f"rank 0 channel {chan} (grad dir 0)" in str(exc) and \
                         f"field 'mb' is {got}, expected {want}" in str(exc), exc
+                if not ch.small:
+                    report = [p for p in tp.pending() if p.get("channel") == chan and p["mb"] == want]
+                    assert f"field 'mb' is {got}" in report[0]["unmatched"], report
+            if not ch.small:  # nothing matched: take the two messages off their tags, so that the sender's flush ends
+                tp.engine.cancel_all()
+                for seq, mb in ((0, 1), (1, 0)):
+                    tp.comm.Recv([torch.empty(numel).numpy(), MPI.FLOAT], 0, ch._tag(seq, mb))
+                for op in ops:
+                    op.open = 0
+            for op in ops:
+                ch.release(op)
             bad = tp.recv_channel(0, 50 + c, shape=(numel,), dtype=torch.float32, ring=1)
             op = bad.post(mb=0)
             try:
                 bad.wait(op)
                 raise AssertionError("a short message was accepted")
             except EnvelopeError as exc:
-                # one message of the wrong length is named by its trailer check; a message sent as
-                # payload + trailer but expected as one (the sizes straddle SMALL_MAX) by MPI
+                # one message of the wrong length is named by the count check; a message sent as
+                # one small message but expected as a large one (the sizes straddle SMALL_MAX) by MPI
                 assert (f"rank 0 channel {50 + c}" in str(exc) and "field 'nbytes'" in str(exc)) or \
                     ("larger than its posted receive" in str(exc) and f"'channel': {50 + c}" in str(exc)), exc
             op.open = 0  # the run would end here; this check goes on, so forget the failed receive

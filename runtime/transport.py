@@ -161,9 +161,10 @@ class RecvHandle:
     """A posted receive. ``done`` once the tensor is in ``tensor``; ``header`` is set on arrival."""
 
     __slots__ = ("peer", "channel", "shape", "dtype", "nbytes", "expect", "seq", "tensor", "header", "hdr",
-                 "exp", "open", "t_post", "t_done", "on_done", "_tp", "_stream")
+                 "exp", "open", "t_post", "_tp", "_stream")
 
-    def __init__(self, tp: Transport, stream: _Stream, peer: int, channel: int, shape, dtype, out, expect, seq: int):
+    def __init__(self, tp: Transport, stream: _Stream, peer: int, channel: int, shape, dtype, out, expect, seq: int,
+                 exp: tuple | None):
         self._tp = tp
         self._stream = stream
         self.peer = peer
@@ -171,17 +172,15 @@ class RecvHandle:
         self.shape = shape
         self.dtype = dtype
         # payload size when the shape is known (decides inline or not before the header lands), else -1
-        self.nbytes = -1 if shape is None else math.prod(shape) * itemsize(dtype)
+        self.nbytes = -1 if exp is None else exp[1][0]
         self.expect = expect
         self.seq = seq  # the stream position this receive matches: stamped when posted
         self.tensor: torch.Tensor | None = out
         self.header: Header | None = None
         self.hdr: list | None = None  # [buffer, persistent request] of the header receive, until it lands
-        self.exp: tuple | None = None  # the header fields a known shape fixes (see _Stream.expected)
+        self.exp = exp  # the header fields a known shape fixes (see Transport._expected)
         self.open = 0
         self.t_post = time.monotonic_ns()
-        self.t_done = 0
-        self.on_done: Callable[[RecvHandle], None] | None = None
 
     @property
     def done(self) -> bool:
@@ -256,6 +255,7 @@ class Transport:
         # bits of a schedule-known channel's tag that carry a message's position on the channel and
         # its microbatch: (4, 6) where the tag bound is large (windows of 16 positions, 64 microbatches)
         self.channel_tag_bits = (block_bits - mb_bits, mb_bits)
+        self._max_inflight = self.config.max_inflight
         self._own_engine = engine is None
         self.engine = engine or Progress(self.config.timeout_s)
         self._on_span = on_span
@@ -317,7 +317,7 @@ class Transport:
             raise ValueError(f"isend: tensor on {tensor.device}; this transport moves host memory, copy it to CPU first")
         s = self._streams.get((peer, channel)) or self._stream(peer, channel)
         seq = s.send_seq
-        sync = (seq + 1) % self.config.max_inflight == 0
+        sync = (seq + 1) % self._max_inflight == 0
         if sync and s.sync is not None and not s.sync.done:
             prev = s.sync
             self.engine.wait(lambda: prev.done, lambda: f"rank {self.rank}: send to rank {peer} channel {channel} "
@@ -325,7 +325,7 @@ class Transport:
                              f"which was not matched)")
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
-        payload = _wire(tensor)
+        payload = MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes)  # as _wire, one call less
         stage = self._stage_pool.pop() if self._stage_pool else bytearray(_HDR_BUF)
         key = (mb, chunk, dir)
         dtype, shape = tensor.dtype, tensor.shape
@@ -390,16 +390,16 @@ class Transport:
             if not out.is_cpu or not out.is_contiguous():
                 raise ValueError("irecv: out must be a contiguous CPU tensor")
             shape, dtype = tuple(out.shape), out.dtype
+        elif shape is not None:
+            shape = tuple(shape)
         if (shape is None) != (dtype is None):
             raise ValueError("irecv: give both shape and dtype, or neither")
-        if dtype is not None:
-            dtype_code(dtype)
         s = self._streams.get((peer, channel)) or self._stream(peer, channel)
-        h = RecvHandle(self, s, peer, channel, tuple(shape) if shape is not None else None, dtype, out, expect,
-                       s.recv_seq)
-        s.recv_seq += 1
+        exp = None
         if shape is not None:
-            h.exp = s.recv_exp if s.recv_as == (dtype, h.shape) else self._expected(s, peer, channel, dtype, h.shape)
+            exp = s.recv_exp if s.recv_as == (dtype, shape) else self._expected(s, peer, channel, dtype, shape)
+        h = RecvHandle(self, s, peer, channel, shape, dtype, out, expect, s.recv_seq, exp)
+        s.recv_seq += 1
         hdr = h.hdr = s.hdr_free.pop() if s.hdr_free else self._header_receive(s, peer, channel)
         hdr[1].Start()
         self.engine.add(hdr[1], h, 0)
@@ -424,11 +424,15 @@ class Transport:
     def _expected(self, s: _Stream, peer: int, channel: int, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple:
         """What a header for a receive of known ``shape`` x ``dtype`` must hold, field by field as
         :data:`~runtime.envelope.HEADER` unpacks: (dtype, ndim, channel, src, dst) and (nbytes,
-        shape padded with zeros), and the message's byte count; remembered as the stream's."""
+        shape padded with zeros), and the message's byte count; remembered as the stream's. Checks
+        the dtype and the number of dims (ValueError)."""
         ndim = len(shape)
+        if ndim > MAX_NDIM:
+            raise ValueError(f"irecv: shape {shape} has {ndim} dims; a message carries at most {MAX_NDIM}")
+        code = dtype_code(dtype)
         nbytes = math.prod(shape) * itemsize(dtype)
-        exp = ((dtype_code(dtype), ndim, channel, peer, self.rank), (nbytes, *shape, *(0,) * (MAX_NDIM - ndim)),
-               HEADER_SIZE + (nbytes if nbytes <= INLINE_MAX else 0)) if ndim <= MAX_NDIM else None
+        exp = ((code, ndim, channel, peer, self.rank), (nbytes, *shape, *(0,) * (MAX_NDIM - ndim)),
+               HEADER_SIZE + (nbytes if nbytes <= INLINE_MAX else 0))
         s.recv_as, s.recv_exp = (dtype, shape), exp
         return exp
 
@@ -530,16 +534,14 @@ class Transport:
                                 f"{field!r} is {got!r}, expected {want!r}{note}")
 
     def _recv_done(self, h: RecvHandle) -> None:
-        h.t_done = time.monotonic_ns()
         recvs = h._stream.recvs
         # Receives complete in stream order: the payload tag is FIFO and headers precede payloads.
         while recvs and recvs[0].done:
             recvs.popleft()
         if self._on_span is not None:
             hd = h.header
-            self._span(spans.RECV, h.t_post, h.t_done, hd.src, hd.channel, hd.kind, hd.key, hd.nbytes, hd.seq)
-        if h.on_done is not None:
-            h.on_done(h)
+            self._span(spans.RECV, h.t_post, time.monotonic_ns(), hd.src, hd.channel, hd.kind, hd.key, hd.nbytes,
+                       hd.seq)
 
     def _span(self, name: str, t0: int, t1: int, peer: int, channel: int, kind: str, key: tuple, nbytes: int,
               seq: int) -> None:

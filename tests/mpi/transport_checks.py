@@ -183,6 +183,29 @@ def channel_ring() -> None:
             ch.release(op)
 
 
+def channel_many_tags() -> None:
+    """A large channel whose messages take more tags than a ring buffer keeps persistent requests
+    for (100 messages, microbatches 0..49 twice: 100 distinct position/microbatch tags through one
+    buffer): the receives past the cap are plain ``Irecv``\ s and every message still lands intact."""
+    if rank > 1:
+        return
+    numel, num = SMALL_MAX // 4 + 3, 100
+    if rank == 0:
+        out = tp.send_channel(1, 70, shape=(numel,), dtype=torch.float32)
+        for i in range(num):
+            out.wait(out.send(torch.full((numel,), float(i)), mb=i % 50))
+    else:
+        ch = tp.recv_channel(0, 70, shape=(numel,), dtype=torch.float32, ring=1)
+        tags = set()
+        for i in range(num):
+            op = ch.post(mb=i % 50)
+            tags.add(ch._tag(i, i % 50))
+            got = ch.wait(op)
+            assert bool((got == i).all()), (i, got[:4])
+            ch.release(op)
+        assert len(tags) == num and len(ch.slots[0].preqs) == 64, (len(tags), len(ch.slots[0].preqs))
+
+
 def channel_crossed() -> None:
     """Rank 0 sends microbatch 1 before 0 on a channel that rank 1 reads as 0 then 1: the receives
     fail naming sender, channel and field 'mb' (a small channel at once, from its trailer; a large
@@ -255,7 +278,7 @@ def recv_seq_stamped_at_post() -> None:
 
 
 CHECKS = [ping_pong, ring, many_small_in_order, many_large_outstanding, mixed_dtypes, channel_ring,
-          channel_crossed, recv_seq_stamped_at_post]
+          channel_many_tags, channel_crossed, recv_seq_stamped_at_post]
 
 if __name__ == "__main__":
     only = sys.argv[1:] or [c.__name__ for c in CHECKS]

@@ -6,7 +6,8 @@ One :class:`Transport` per actor and communicator. It carries two kinds of traff
   is an ordered stream with a small header per message (:mod:`runtime.envelope`);
 * **schedule-known channels** (:mod:`runtime.channels`, made by :meth:`Transport.send_channel` /
   :meth:`Transport.recv_channel`): shape, dtype, kind and microbatch order known to both sides,
-  so no header travels — only the payload and a 16-byte trailer that is checked.
+  so no header travels — only the payload, checked by a 16-byte trailer glued to a small one
+  and by its tag (position and microbatch) for a large one.
 
 Both post their MPI requests on one :class:`~runtime.progress.Progress` engine (``self.engine``),
 which other exchanges may use too; ``progress()``, ``wait()`` and the pending-operation report

@@ -3,11 +3,11 @@ the list, computed once when the :class:`~actors.pipeline.StageActor` is built (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from runtime.schedules import FB, Action, Compute, Recv, Send
 
-__all__ = ["early_sends", "ring_sizes", "grads_final"]
+__all__ = ["early_sends", "ring_sizes", "grads_final", "data_draws"]
 
 
 def _computes(a: Action) -> tuple[Compute, ...]:
@@ -71,3 +71,17 @@ def grads_final(actions: Sequence[Action]) -> dict[int, list[int]]:
     for chunk, i in sorted(last.items()):
         plan.setdefault(i, []).append(chunk)
     return plan
+
+
+def data_draws(actions: Sequence[Action], stage_of: Mapping[int, int], data_stages: tuple[int, ...],
+               global_mb: Callable[[int, int], int]) -> list[int]:
+    """Global microbatches whose data (tokens, targets) this rank reads, in the order its forwards
+    first need them: every F (alone or an FB's half) of a chunk whose stage (``stage_of[chunk]``)
+    is in ``data_stages`` (the first and the last), each microbatch once. The executor draws them
+    ahead, in this order, while it waits for messages."""
+    seen: dict[int, None] = {}
+    for a in actions:
+        for c in _computes(a):
+            if c.op == "F" and stage_of[c.chunk] in data_stages:
+                seen.setdefault(global_mb(c.dir, c.mb))
+    return list(seen)

@@ -55,6 +55,8 @@ class ActionWalker:
         self.actions = schedule.ranks[rank]
         self.last_stage = schedule.num_stages - 1
         self._early_sends = action_plan.early_sends(self.actions)
+        # drawn ahead, in this order, while the rank waits for a message
+        self._draws = action_plan.data_draws(self.actions, stage_ids, (0, self.last_stage), schedule.global_mb)
         # Activations and gradients travel on schedule-known channels (no per-message header);
         # each receive channel has as many ring buffers as the schedule ever holds at once.
         self._send_chs = {(a.peer, a.tag): transport.send_channel(
@@ -126,6 +128,8 @@ class ActionWalker:
         posted = st.recvs.pop((kind, a.dir, a.mb, a.chunk), None)
         if posted is not None:
             ch, op = posted
+            if not op.done and st.num_drawn < len(self._draws):
+                self._batch(self._draws[st.num_drawn])  # draw ahead: the message is not here yet
             t0 = time.monotonic_ns()
             out = self.staging.to_device(ch.wait(op))
             # a view of a ring buffer: held until this microbatch's last B / W (or its F, forward-only)
@@ -148,7 +152,7 @@ class ActionWalker:
         key = (a.dir, a.mb, a.chunk)
         last = stage == self.last_stage
         if stage == 0 or last:
-            tokens, targets = (t.to(self.device) for t in self.data.batch(st.step, gmb, self.micro_batch))
+            tokens, targets = self._batch(gmb)
         if stage == 0:
             x = tokens
         else:
@@ -216,6 +220,16 @@ class ActionWalker:
         pending.clear()  # release the saved activations inside the span (part of W's cost)
         self._release((a.dir, a.mb, a.chunk))
         self._compute_done("W", a, t0)
+
+    def _batch(self, gmb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global microbatch ``gmb``'s (tokens, targets) on this rank's device, drawn once per step."""
+        st = self.st
+        got = st.batches.get(gmb)
+        if got is None:
+            got = st.batches[gmb] = tuple(t.to(self.device) for t in self.data.batch(st.step, gmb, self.micro_batch))
+            while st.num_drawn < len(self._draws) and self._draws[st.num_drawn] in st.batches:
+                st.num_drawn += 1
+        return got
 
     def _release(self, key: tuple) -> None:
         """Give the receive buffers microbatch ``key`` read back to their rings: nothing reads them now."""

@@ -43,9 +43,9 @@ class StepState:
     compute_ns: int = 0
     """Time spent inside F/B/W computations."""
     batches: dict[int, tuple] = field(default_factory=dict)
-    """Global microbatch -> (tokens, targets) ``[micro_batch, seq]`` drawn this step: the first and
-    the last stage on one rank (DualPipeV's rank 0) read the same draw, and draws made while the
-    rank waited for a message are kept here until their F."""
+    """Global microbatch -> (tokens, targets) ``[micro_batch, seq]`` drawn this step, kept for the
+    whole step: the first and the last stage on one rank (DualPipeV's rank 0) read the same draw,
+    and draws made ahead while the rank waited for a message wait here for their F."""
     num_drawn: int = 0
     """How many of the walker's planned draws (its stage-0 and last-stage F's, in action order) are
     in ``batches`` or were used."""

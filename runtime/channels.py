@@ -54,6 +54,8 @@ _MAGIC = 0xA5
 SMALL_MAX = INLINE_MAX
 """Payloads up to this many bytes travel in one message together with their trailer."""
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+_DIAGNOSE_AFTER_S = 5.0
+"""A receive open this long gets its channel's tags probed in the pending report (``unmatched``)."""
 _MAX_PERSISTENT = 64
 """Persistent receives a ring buffer of a large channel keeps (one per tag it has seen); beyond
 that a receive is a plain ``Irecv`` (a schedule with many microbatches, about 0.5 us more)."""
@@ -100,7 +102,7 @@ class ChannelSend:
 
     __slots__ = ("ch", "mb", "chunk", "seq", "open", "keep", "t_post")
 
-    def __init__(self, ch: SendChannel, mb: int, chunk: int, seq: int, keep):
+    def __init__(self, ch: SendChannel, mb: int, chunk: int, seq: int, keep: bytearray | torch.Tensor | None):
         self.ch, self.mb, self.chunk, self.seq, self.keep = ch, mb, chunk, seq, keep
         self.open = 1
         self.t_post = time.monotonic_ns()
@@ -173,7 +175,7 @@ class SendChannel(_Channel):
             op = ChannelSend(self, mb, chunk, seq, stage)
         else:
             req = self.tp.comm.Isend([MPI.buffer.fromaddress(tensor.data_ptr(), self.nbytes), MPI.BYTE], self.peer,
-                                     self.tag + ((seq & self.seq_mask) << self.mb_bits) + (mb & self.mb_mask))
+                                     self._tag(seq, mb))
             op = ChannelSend(self, mb, chunk, seq, tensor)
         self.tp.engine.add(req, op, 0)
         self.open.add(op)
@@ -210,18 +212,17 @@ class ChannelRecv:
     on a large one.
     """
 
-    __slots__ = ("ch", "buf", "tensor", "trailer", "want", "preqs", "req", "held", "mb", "seq", "open", "t_post")
+    __slots__ = ("ch", "buf", "tensor", "trailer", "want", "preqs", "held", "mb", "seq", "open", "t_post")
 
     def __init__(self, ch: RecvChannel):
         self.ch = ch
-        self.buf = torch.empty(ch.nbytes + (TRAILER.size if ch.small else 0), dtype=torch.uint8)
+        self.buf = torch.empty(ch.want_bytes, dtype=torch.uint8)
         self.tensor = self.buf[: ch.nbytes].view(ch.dtype).view(ch.shape)
         self.trailer = memoryview(self.buf.numpy())[ch.nbytes:] if ch.small else None
-        self.want = len(self.buf)  # bytes the message must bring
+        self.want = ch.want_bytes  # bytes the message must bring (read on every completion)
         self.preqs: dict[int, MPI.Prequest] = {}  # tag -> persistent receive into this buffer
         if ch.small:
             self.preqs[ch.tag] = ch.tp.comm.Recv_init([_wire(self.buf), MPI.BYTE], ch.peer, ch.tag)
-        self.req: MPI.Request | None = None  # the posted request
         self.held = False  # posted and not yet released
         self.mb = self.seq = -1
         self.open = 0
@@ -247,9 +248,10 @@ class ChannelRecv:
         d = {"op": "recv", "peer": ch.peer, "channel": ch.channel, "kind": ch.kind, "mb": self.mb,
              "dir": ch.dir, "chunk": None, "seq": self.seq, "nbytes": ch.nbytes, "state": "posted",
              "age_s": round((time.monotonic_ns() - self.t_post) / 1e9, 3)}
-        unmatched = ch.unmatched(self)
-        if unmatched:
-            d["unmatched"] = unmatched
+        if d["age_s"] >= _DIAGNOSE_AFTER_S:  # the report runs every heartbeat: probe only a receive that is stuck
+            unmatched = ch.unmatched(self)
+            if unmatched:
+                d["unmatched"] = unmatched
         return d
 
 
@@ -287,18 +289,16 @@ class RecvChannel(_Channel):
         if self.small:
             req = op.preqs[self.tag]
         else:
-            tag = self.tag + ((seq & self.seq_mask) << self.mb_bits) + (mb & self.mb_mask)
+            tag = self._tag(seq, mb)
             req = op.preqs.get(tag)
             if req is None:
                 comm = self.tp.comm
                 if len(op.preqs) < _MAX_PERSISTENT:
                     req = op.preqs[tag] = comm.Recv_init([_wire(op.buf), MPI.BYTE], self.peer, tag)
                 else:
-                    req = op.req = comm.Irecv([_wire(op.buf), MPI.BYTE], self.peer, tag)
-                    self.tp.engine.add(req, op, 0)
+                    self.tp.engine.add(comm.Irecv([_wire(op.buf), MPI.BYTE], self.peer, tag), op, 0)
                     return op
         req.Start()
-        op.req = req
         self.tp.engine.add(req, op, 0)
         return op
 
@@ -321,23 +321,43 @@ class RecvChannel(_Channel):
         return op.tensor
 
     def unmatched(self, op: ChannelRecv) -> str | None:
-        """What waits on this channel's tags for posted receive ``op`` without matching it: the
-        message at ``op``'s sequence position carrying another microbatch, or ``op``'s microbatch
-        at another position; None if neither (or on a small channel, whose trailer names it)."""
-        if self.small or not op.open:
+        """What waits on this channel's tags for posted receive ``op`` without matching it, or None.
+
+        Probes the channel's block of tags (``Iprobe``, no message is taken): a message of another
+        size means the two ends disagree on the shape or dtype (one may think the channel small,
+        the other large); one at ``op``'s position with another microbatch means microbatches sent
+        in another order; ``op``'s microbatch at another position, a message lost or added.
+        Called on failure paths only (a deadline, the pending report of an old receive).
+        """
+        if not op.open:
             return None
         comm, status = self.tp.comm, MPI.Status()
+        want = self.want_bytes
         seq_pos, mb_pos = op.seq & self.seq_mask, op.mb & self.mb_mask
-        window = f" (mod {self.mb_mask + 1} and {self.seq_mask + 1}: the tag carries both)"
-        for mb in range(self.mb_mask + 1):
-            if mb != mb_pos and comm.Iprobe(self.peer, self.tag + (seq_pos << self.mb_bits) + mb, status):
-                return (f"field 'mb' is {mb}, expected {op.mb & self.mb_mask}{window}: "
-                        f"{status.Get_count(MPI.BYTE)} bytes, microbatches sent in another order (crossed messages)")
-        for seq in range(self.seq_mask + 1):
-            if seq != seq_pos and comm.Iprobe(self.peer, self.tag + (seq << self.mb_bits) + mb_pos, status):
-                return (f"field 'seq' is {seq}, expected {seq_pos}{window}: {status.Get_count(MPI.BYTE)} bytes, "
-                        f"a message lost or added on the channel")
-        return None
+        own = self.tag if self.small else self._tag(op.seq, op.mb)
+        found: dict[str, str] = {}
+        for offset in range(1 << (self.seq_mask.bit_length() + self.mb_bits)):
+            tag = self.tag + offset
+            if tag == own or not comm.Iprobe(self.peer, tag, status):
+                continue
+            count = status.Get_count(MPI.BYTE)
+            seq, mb = offset >> self.mb_bits, offset & self.mb_mask
+            if count != want:
+                return (f"a message of {count} bytes waits on the channel, which carries {want}: the two ends "
+                        f"disagree on its shape or dtype")
+            window = f" (mod {self.mb_mask + 1} and {self.seq_mask + 1}: the tag carries both)"
+            if seq == seq_pos:
+                found.setdefault("mb", f"field 'mb' is {mb}, expected {mb_pos}{window}: microbatches sent in "
+                                       f"another order (crossed messages)")
+            elif mb == mb_pos:
+                found.setdefault("seq", f"field 'seq' is {seq}, expected {seq_pos}{window}: a message lost or "
+                                        f"added on the channel")
+        return found.get("mb") or found.get("seq")
+
+    @property
+    def want_bytes(self) -> int:
+        """Bytes one message of this channel brings: the payload, and the trailer on a small one."""
+        return self.nbytes + (TRAILER.size if self.small else 0)
 
     def release(self, op: ChannelRecv) -> None:
         """Return ``op``'s buffer to the ring: nothing may read its tensor afterwards."""

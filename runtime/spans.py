@@ -28,7 +28,8 @@ Every line is a JSON object with ``event``, ``timestamp`` (ISO, UTC), ``level``,
   - ``wait`` (a compute blocked on its input: ``kind`` act/grad, ``dir``, ``mb``, ``chunk`` = the
     waiting compute's chunk),
   - ``send`` / ``recv`` (one message, post to completion: ``peer``, ``channel``, ``kind``, ``mb``,
-    ``chunk`` = the sender's, ``dir``, ``nbytes``, ``seq`` = its number on the (src, dst, channel)
+    ``chunk`` = the sender's (-1 on a receive of a large channel message, whose chunk does not
+    travel), ``dir``, ``nbytes``, ``seq`` = its number on the (src, dst, channel)
     stream, so a send and its receive pair up exactly),
   - ``exchange`` (one expert-parallel exchange hop of this rank, post to completion, logged by
     :class:`actors.fb_overlap.WaitClock`: ``exchange`` = the stream, ``phase`` such as ``dispatch

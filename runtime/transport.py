@@ -70,11 +70,13 @@ _HDR_BUF = HEADER_SIZE + INLINE_MAX
 _SEQ_KEY = struct.Struct("<Q3i")
 """seq and key, where :data:`~runtime.envelope.HEADER` has them (byte 16): all a send writes into
 its stream's header template."""
-_SEQ_KEY_OFFSET = 16
+_SEQ_KEY_OFFSET = struct.calcsize("<HBBBBHii")  # magic .. dst: the fields before seq
 _CHANNEL_BLOCK_BITS = 10
 """A schedule-known channel's tags: 2**this at most (position bits + microbatch bits)."""
 _CHANNEL_MB_BITS = 6
 """Of those, the microbatch's (a window of 64 microbatches; the rest, 16 positions, the sequence's)."""
+_CHANNEL_MIN_BITS = 6
+"""Fewest bits a block may have where the tag bound is low: 4 for the microbatch, 2 for the position."""
 KEY_FIELDS = ("mb", "chunk", "dir")
 """What this transport's API, spans and reports call the header's ``key`` integers, in order:
 microbatch (-1: none), the sender's model chunk, pipeline direction."""
@@ -228,7 +230,7 @@ class _Stream:
         self.hdr_free: list[list] = []
         self.hdr_all: list[list] = []
         # the last (kind, dtype, shape) sent and its packed header with seq and key left to fill:
-        # a stream's messages mostly repeat one form, and packing all 22 fields cost ~3 us
+        # a stream's messages mostly repeat one form, and packing all 21 fields cost ~3 us
         self.send_as: tuple | None = None
         self.send_tpl = b""
         # the last (dtype, shape) received with a known shape and the header fields it fixes
@@ -248,11 +250,14 @@ class Transport:
         tag_ub = comm.Get_attr(MPI.TAG_UB) or 32767
         mc = self.config.max_channels
         per_channel = (tag_ub + 1 - 2 * mc) // mc  # tags left for each schedule-known channel's block
-        if per_channel < 1:
-            raise ValueError(f"TransportConfig.max_channels={mc} needs at least {3 * mc} tags, above this MPI's "
-                             f"TAG_UB={tag_ub}: lower max_channels to {(tag_ub + 1) // 3} or less")
+        if per_channel < 1 << _CHANNEL_MIN_BITS:
+            # fewer bits would leave the position or the microbatch of a large message unchecked
+            raise ValueError(f"TransportConfig.max_channels={mc} leaves {per_channel} tags per schedule-known "
+                             f"channel under this MPI's TAG_UB={tag_ub}, fewer than the {1 << _CHANNEL_MIN_BITS} "
+                             f"its check needs: lower max_channels to "
+                             f"{(tag_ub + 1) // (2 + (1 << _CHANNEL_MIN_BITS))} or less")
         block_bits = min(_CHANNEL_BLOCK_BITS, per_channel.bit_length() - 1)
-        mb_bits = min(_CHANNEL_MB_BITS, block_bits)
+        mb_bits = min(_CHANNEL_MB_BITS, block_bits - 2)  # at least 2 position bits
         # bits of a schedule-known channel's tag that carry a message's position on the channel and
         # its microbatch: (4, 6) where the tag bound is large (windows of 16 positions, 64 microbatches)
         self.channel_tag_bits = (block_bits - mb_bits, mb_bits)
@@ -333,6 +338,7 @@ class Transport:
         form = s.send_as
         if form is None or form[2] != shape or form[1] != dtype or form[0] != kind:
             # a new form: pack (and validate) every field once, then keep it as the stream's template
+            # (the inline payload is copied again below: once per form, not worth a second path)
             pack_header_into(stage, kind=kind, src=self.rank, dst=peer, channel=channel, seq=0, key=(0, 0, 0),
                              dtype=dtype, shape=tuple(shape), payload=payload)
             s.send_tpl = bytes(stage[:HEADER_SIZE])
@@ -476,8 +482,8 @@ class Transport:
         # A receive of known shape: the fields its shape, stream and position fix are compared as
         # tuples at once (~0.5 us); anything else, or any disagreement, takes the full decode,
         # which names the field.
-        if (exp is not None and count == exp[2] and f[0] == MAGIC and f[1] == VERSION and f[3:8] == exp[0]
-                and f[8] == h.seq and f[12:] == exp[1] and (h.expect is None or self._as_expected(h.expect, f))):
+        if (exp is not None and count == exp[2] and f[0] == MAGIC and f[1] == VERSION and f[2] < len(KINDS)
+                and f[3:8] == exp[0] and f[8] == h.seq and f[12:] == exp[1] and (h.expect is None or self._as_expected(h.expect, f))):
             header, inline = tuple.__new__(Header, f), memoryview(buf)[HEADER_SIZE:count]
         else:
             header, inline = self._decode(h, buf, count)

@@ -11,6 +11,8 @@ the same message well-formed, so a row cannot pass because every message fails.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,10 @@ def _exchange(raw: bytes, channel: int, *, payload: bytes | None = None, shape=S
         return tp.wait(h)
     finally:
         MPI.Request.Waitall(reqs)
+        # close frees the transport's persistent requests (MPICH lists unfreed ones at exit); it
+        # raises after freeing when the rejected receive is still open, which is this test's case
+        with contextlib.suppress(RuntimeError):
+            tp.close(timeout=2.0)
 
 
 BIG = (64, 128)  # 32 KiB of float32: the payload travels as its own message

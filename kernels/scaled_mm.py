@@ -79,11 +79,12 @@ def unavailable_reason(device: str) -> str | None:
     b = torch.randn(384, 512, device=dev, generator=g)
     aq, a_s = reference.quant_act_1x128(a)
     for recipe, (bq, b_s) in (("128x128", reference.quant_weight_128x128(b)), ("1x128", reference.quant_act_1x128(b))):
+        # A torch / cuBLASLt that cannot run the recipe (a library too old for blockwise scales, or a
+        # scale layout it rejects) raises one of these; its message becomes the reason returned, and
+        # the caller uses the Triton GEMM instead.
         try:
             got = fp8_gemm(aq, a_s, bq, b_s)
         except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
-            # This torch / cuBLASLt cannot run the recipe (a library too old for blockwise scales, or a
-            # scale layout it rejects): the error itself is the reason, and the Triton GEMM serves.
             return f"F.scaled_mm with 1x128 x {recipe} scales failed: {type(exc).__name__}: {exc}"
         # Same quantized operands: only the float32 accumulation order may differ.
         err = rel_error(got, reference.fp8_gemm(aq, a_s, bq, b_s))

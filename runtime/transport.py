@@ -331,27 +331,26 @@ class Transport:
                              f"which was not matched)")
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
-        payload = MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes)  # as _wire, one call less
+        payload = _wire(tensor)
         stage = self._stage_pool.pop() if self._stage_pool else bytearray(_HDR_BUF)
         key = (mb, chunk, dir)
         dtype, shape = tensor.dtype, tensor.shape
         form = s.send_as
         if form is None or form[2] != shape or form[1] != dtype or form[0] != kind:
-            # a new form: pack (and validate) every field once, then keep it as the stream's template
-            # (the inline payload is copied again below: once per form, not worth a second path)
-            pack_header_into(stage, kind=kind, src=self.rank, dst=peer, channel=channel, seq=0, key=(0, 0, 0),
-                             dtype=dtype, shape=tuple(shape), payload=payload)
+            # a new form: pack (and validate) every field and the inline payload once, then keep the
+            # header as the stream's template
+            n, nbytes = pack_header_into(stage, kind=kind, src=self.rank, dst=peer, channel=channel, seq=0,
+                                         key=(0, 0, 0), dtype=dtype, shape=tuple(shape), payload=payload)
             s.send_tpl = bytes(stage[:HEADER_SIZE])
             s.send_as = (kind, dtype, shape)
         else:
             stage[:HEADER_SIZE] = s.send_tpl
-        _SEQ_KEY.pack_into(stage, _SEQ_KEY_OFFSET, seq, mb, chunk, dir)
-        nbytes = len(payload)
-        if nbytes <= INLINE_MAX:
-            n = HEADER_SIZE + nbytes
-            stage[HEADER_SIZE:n] = payload
-        else:
+            nbytes = len(payload)
             n = HEADER_SIZE
+            if nbytes <= INLINE_MAX:
+                n += nbytes
+                stage[HEADER_SIZE:n] = payload
+        _SEQ_KEY.pack_into(stage, _SEQ_KEY_OFFSET, seq, mb, chunk, dir)
         s.send_seq = seq + 1
         comm = self.comm
         if not sync and nbytes <= INLINE_MAX:

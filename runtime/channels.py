@@ -13,11 +13,12 @@ messages of the same size still cannot be crossed unnoticed:
   message whose **tag carries the check**: the channel's block of tags is indexed by the message's
   sequence number on the channel (modulo a window) and its microbatch (modulo a window), so a
   message only matches the receive posted for that position and microbatch. A second trailer
-  message cost ~5 us per message at 256 KiB here (MPI's per-message cost, not Python's); the tag
-  costs nothing. A message that matches no receive (microbatches sent in another order, a lost
-  or extra message) leaves its receive waiting: when that wait passes its deadline the channel
-  probes its tags and raises :class:`~runtime.envelope.EnvelopeError` naming the sender, channel
-  and field (``mb`` or ``seq``), and the pending-operation report says the same;
+  message cost 3-8 us per message at 256 KiB-1 MiB here (MPI's per-message cost, not Python's);
+  the tag costs nothing. A message that matches no receive (microbatches sent in another order, a
+  lost or extra message, a message of another size) leaves its receive waiting: when that wait
+  passes its deadline the channel probes its tags and raises
+  :class:`~runtime.envelope.EnvelopeError` naming the sender, the channel and the field (``mb``,
+  ``seq``) or the sizes, and the pending-operation report says the same;
 * the receiver owns a **ring** of receive buffers; :meth:`RecvChannel.post` takes a free buffer
   and starts a persistent request on it (``Recv_init``, made once per buffer and tag; nothing is
   allocated per message). A received tensor is a view of its buffer: it may become an autograd
